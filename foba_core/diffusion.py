@@ -1,0 +1,110 @@
+"""Latent-diffusion training glue for MONAI's SupervisedTrainer: text encoding, noisy batches, masked noise loss.
+
+The trainer is MONAI's own ``SupervisedTrainer`` with ``network=unet``: ``DiffusionBatch`` is its
+``prepare_batch`` (it draws latent-shaped noise and timesteps, so MONAI's image-shaped
+``DiffusionPrepareBatch`` is not used) and ``noise_loss`` its ``loss_function``. The same pieces
+serve toy pretraining, the foreground/background fine-tuning and the MIMIC-CXR fine-tuning.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, prompts: list[str], use_attention_mask: bool, device=None):
+    """Return the frozen text encoder's hidden states (B, L, D) and, if the model uses one, the U-Net's key mask (B, L).
+
+    The key mask hides EOS and padding from cross-attention: a causal text encoder copies the object's
+    identity into every later token, so a model trained with the mask must be run with it too.
+    """
+    device = device if device is not None else text_encoder.device
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    ids = tokens.input_ids.to(device)
+    mask = tokens.attention_mask.to(device)
+    hidden = text_encoder(ids, attention_mask=mask if use_attention_mask else None)[0]  # (B, L, D)
+    return hidden, (text_token_mask(mask) if use_attention_mask else None)
+
+
+def text_token_mask(tokens_mask: torch.Tensor) -> torch.Tensor:
+    """Return the cross-attention key mask that hides EOS and padding (keeps BOS and the words)."""
+    lengths = tokens_mask.sum(1)  # BOS + words + EOS
+    positions = torch.arange(tokens_mask.shape[1], device=tokens_mask.device)[None]
+    return (positions < (lengths[:, None] - 1)).to(tokens_mask.dtype)
+
+
+class DiffusionBatch:
+    """``prepare_batch`` for MONAI trainers: turns {image | latent, caption[, loss_mask]} into a noise-prediction step.
+
+    Returns ``(z_t, (target, loss_mask), (t, text_hidden), {"encoder_attention_mask": ...})`` so that MONAI
+    calls ``unet(z_t, t, text_hidden, encoder_attention_mask=...)`` and ``noise_loss(pred, (target, mask))``.
+    Noise, timesteps, latent sampling and caption dropout come from a generator seeded by
+    ``(seed, call count)``; the count is part of ``state_dict`` so a resumed run draws what the
+    uninterrupted run would have drawn.
+    """
+
+    def __init__(self, vae, text_encoder, tokenizer, scheduler, text_attention_mask: bool = False,
+                 caption_dropout: float = 0.0, seed: int = 0):
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        self.vae, self.text_encoder, self.tokenizer, self.scheduler = vae, text_encoder, tokenizer, scheduler
+        self.text_attention_mask, self.caption_dropout, self.seed = bool(text_attention_mask), caption_dropout, int(seed)
+        self.calls = 0
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Return z0 = scaling_factor * a sample of q(z | x) for images in [0, 1]."""
+        with torch.no_grad():
+            dist = self.vae.encode(images * 2 - 1).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+            return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
+
+    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+        self.calls += 1
+        if "latent" in batchdata:
+            z0 = batchdata["latent"].to(device, non_blocking=non_blocking)
+        else:
+            z0 = self.encode_images(batchdata["image"].to(device, non_blocking=non_blocking), gen)
+        b = z0.shape[0]
+        captions = list(batchdata["caption"])
+        if self.caption_dropout > 0:  # empty prompts for classifier-free guidance
+            drop = torch.rand(b, generator=gen) < self.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        hidden, mask = encode_text(self.tokenizer, self.text_encoder, captions, self.text_attention_mask, device)
+        noise = torch.randn(z0.shape, generator=gen).to(z0)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=gen).to(z0.device)
+        z_t = self.scheduler.add_noise(z0, noise, t)  # q_sample(z0, t)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(z0, noise, t)
+        else:
+            target = noise
+        loss_mask = batchdata.get("loss_mask")
+        loss_mask = torch.ones_like(z0[:, :1]) if loss_mask is None else loss_mask.to(z0).reshape(b, 1, *z0.shape[2:])
+        kwargs = {"encoder_attention_mask": mask} if mask is not None else {}
+        return z_t, (target, loss_mask), (t, hidden), kwargs
+
+
+def noise_loss(pred, target_and_mask) -> torch.Tensor:
+    """Return the per-sample MSE between predicted and true noise, averaged over the loss mask (B,)."""
+    target, mask = target_and_mask
+    pred = pred.sample if hasattr(pred, "sample") else pred
+    se = (pred.float() - target.float()).pow(2) * mask  # (B, C, h, w)
+    return se.flatten(1).sum(1) / (mask.flatten(1).sum(1) * pred.shape[1]).clamp_min(1.0)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (MONAI's set_determinism without forcing deterministic kernels)."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,116 @@
+"""Pretraining of the toy LDM on the toy world: the VAE first (then frozen), then the text-conditioned U-Net."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from tqdm.auto import tqdm
+
+from foba_core.toy.ldm import ToyLDMConfig, config_dict
+
+
+def _stack(dataset, indices) -> tuple[torch.Tensor, list[str]]:
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+
+
+def train_vae(vae, dataset, steps: int = 400, batch_size: int = 64, lr: float = 1e-3, kl_weight: float = 1e-6,
+              seed: int = 0, device="cpu") -> list[float]:
+    """Train the AutoencoderKL on reconstruction + a small KL term; return the loss per step."""
+    gen = torch.Generator().manual_seed(seed)
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    losses = []
+    for _ in tqdm(range(steps), desc="toy VAE", mininterval=5):
+        idx = torch.randint(len(dataset), (batch_size,), generator=gen)
+        x = _stack(dataset, idx)[0].to(device) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(x)
+        recon = vae.decode(z).sample
+        loss = torch.nn.functional.mse_loss(recon, x) + kl_weight * dist.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().item())
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def encode_latents(vae, dataset, batch_size: int = 500, device="cpu") -> torch.Tensor:
+    """Return the unscaled posterior means of every image of ``dataset`` (N, C, h, w)."""
+    out = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="encode latents", mininterval=5):
+        x = _stack(dataset, range(start, min(start + batch_size, len(dataset))))[0].to(device)
+        out.append(vae.encode(x * 2 - 1).latent_dist.mean.cpu())
+    return torch.cat(out)
+
+
+class LatentCaptions(torch.utils.data.Dataset):
+    """Items {latent, caption} from precomputed scaled latents and the captions of the toy scenes."""
+
+    def __init__(self, latents: torch.Tensor, captions: list[str]):
+        if len(latents) != len(captions):
+            raise ValueError(f"{len(latents)} latents but {len(captions)} captions")
+        self.latents, self.captions = latents, captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latent": self.latents[i], "caption": self.captions[i]}
+
+
+def vae_stage(components: dict, dataset, work_dir: str, steps: int = 400, batch_size: int = 64, lr: float = 1e-3,
+              seed: int = 0, device="cpu") -> LatentCaptions:
+    """Train (or reload from ``work_dir``) the VAE, set its scaling factor to 1/std(z), return the latent dataset."""
+    vae = components["vae"]
+    cache = os.path.join(work_dir, "vae_stage.pt")
+    if os.path.exists(cache):
+        state = torch.load(cache, map_location="cpu")
+        vae.load_state_dict(state["vae"])
+        vae.eval().requires_grad_(False)
+        latents, captions = state["latents"], state["captions"]
+    else:
+        losses = train_vae(vae, dataset, steps, batch_size, lr, seed=seed, device=device)
+        latents = encode_latents(vae, dataset, device=device)
+        captions = [dataset[i]["caption"] for i in range(len(dataset))]
+        os.makedirs(work_dir, exist_ok=True)
+        torch.save({"vae": vae.state_dict(), "latents": latents, "captions": captions, "losses": losses}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    # Stable Diffusion's convention: latents are scaled to unit variance before diffusion.
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    return LatentCaptions(latents * scaling, captions)
+
+
+def save_toy_model(components: dict, folder: str, cfg: ToyLDMConfig, training_log: str | None = None) -> str:
+    """Save the toy LDM in the Stable Diffusion folder layout (+ foba.json), atomically; return the folder."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        unet=components["unet"], scheduler=components["scheduler"], safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = os.path.abspath(folder)
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    meta = {"text_attention_mask": True, "image_size": cfg.image_size, "toy_ldm_config": config_dict(cfg)}
+    if training_log and os.path.exists(training_log):
+        with open(training_log) as f:
+            log = json.load(f)
+        meta["training"] = {k: v for k, v in log.items() if k != "losses"}
+    with open(os.path.join(tmp, "foba.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    old = folder + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder

@@ -1,0 +1,151 @@
+"""The toy world: deterministic labelled scenes (one shape on a textured background).
+
+Every item is generated from ``(seed, split, index)`` alone, so a split is reproducible
+without storing files and items can be generated in any order or in parallel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+OBJECT_CLASSES = ("circle", "square", "triangle", "star", "cross", "diamond")
+BACKGROUNDS = ("noise", "stripes", "gradient", "blotches", "checker")
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def object_prompt(name: str) -> str:
+    """Return the foreground prompt y_f = "a photo of a {object}" (paper Sec. 3)."""
+    return f"a photo of a {name}"
+
+
+BACKGROUND_PROMPT = "a photo of a background"  # y_b (paper Sec. 3)
+
+
+def _shape_polygon(name: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Vertices of a shape of radius ``r`` centred at (cx, cy), rotated by ``angle``."""
+    if name == "circle":
+        pts = [(math.cos(a), math.sin(a)) for a in np.linspace(0, 2 * math.pi, 48, endpoint=False)]
+    elif name == "square":
+        pts = [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)]
+    elif name == "triangle":
+        pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    elif name == "diamond":
+        pts = [(0.0, -1.0), (0.6, 0.0), (0.0, 1.0), (-0.6, 0.0)]
+    elif name == "star":
+        pts = []
+        for k in range(10):
+            a = -math.pi / 2 + k * math.pi / 5
+            rad = 1.0 if k % 2 == 0 else 0.42
+            pts.append((rad * math.cos(a), rad * math.sin(a)))
+    elif name == "cross":
+        w = 0.33
+        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+    else:
+        raise ValueError(f"unknown toy object class {name!r}; expected one of {OBJECT_CLASSES}")
+    ca, sa = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0.0, 1.0, size=3).astype(np.float32)
+
+
+def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A textured background of shape (size, size, 3) in [0, 1]."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c1, c2 = _random_colour(rng), _random_colour(rng)
+    if kind == "noise":
+        coarse = rng.uniform(0, 1, size=(size // 4, size // 4, 3)).astype(np.float32)
+        img = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32) / 255
+        img = 0.5 * img + 0.5 * c1
+    elif kind == "stripes":
+        angle, freq = rng.uniform(0, math.pi), rng.uniform(2.0, 6.0)
+        t = (xx * math.cos(angle) + yy * math.sin(angle)) * freq
+        w = (np.sin(2 * math.pi * t) > 0).astype(np.float32)[..., None]
+        img = w * c1 + (1 - w) * c2
+    elif kind == "gradient":
+        angle = rng.uniform(0, 2 * math.pi)
+        t = (xx - 0.5) * math.cos(angle) + (yy - 0.5) * math.sin(angle) + 0.5
+        t = np.clip(t, 0, 1)[..., None]
+        img = t * c1 + (1 - t) * c2
+    elif kind == "blotches":
+        img = np.broadcast_to(c1, (size, size, 3)).copy()
+        for _ in range(int(rng.integers(3, 7))):
+            bx, by, br = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.08, 0.3)
+            w = np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * br**2))[..., None]
+            img = img * (1 - w) + _random_colour(rng) * w
+    elif kind == "checker":
+        cells = int(rng.integers(2, 6))
+        w = (((xx * cells).astype(int) + (yy * cells).astype(int)) % 2).astype(np.float32)[..., None]
+        img = w * c1 + (1 - w) * c2
+    else:
+        raise ValueError(f"unknown toy background {kind!r}; expected one of {BACKGROUNDS}")
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def make_scene(rng: np.random.Generator, size: int = 32, name: str | None = None, background: str | None = None) -> dict:
+    """Return one scene: image (H, W, 3) float, mask (H, W) bool, box, object class and background kind."""
+    name = name if name is not None else OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
+    background = background if background is not None else BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    bg = _background(background, size, rng)
+    r = rng.uniform(0.2, 0.36) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    poly = _shape_polygon(name, cx, cy, r, rng.uniform(0, 2 * math.pi))
+    canvas = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(canvas).polygon(poly, fill=255)
+    mask = np.asarray(canvas) > 127
+    # An object colour far enough from the local background that the object is visible.
+    bg_mean = bg[mask].mean(0) if mask.any() else bg.reshape(-1, 3).mean(0)
+    colour = _random_colour(rng)
+    for _ in range(20):
+        if np.abs(colour - bg_mean).sum() > 0.6:
+            break
+        colour = _random_colour(rng)
+    shade = 1.0 - 0.25 * (np.mgrid[0:size, 0:size][0].astype(np.float32) - cy) / size
+    obj = np.clip(colour[None, None, :] * shade[..., None], 0, 1)
+    image = np.where(mask[..., None], obj, bg).astype(np.float32)
+    ys, xs = np.nonzero(mask)
+    box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]  # x1 y1 x2 y2, exclusive end
+    return {"image": image, "mask": mask, "box": box, "label": name, "background": background}
+
+
+class ToyWorld(torch.utils.data.Dataset):
+    """A sized, deterministic split of the toy world; items follow the dataset dictionary convention.
+
+    Item ``i`` of split ``s`` is generated from ``SeedSequence([seed, s, i])``: the same ``seed``
+    gives the same scenes, and the train, val and test splits never share a generator stream.
+    """
+
+    def __init__(self, split: str = "train", size: int | None = None, image_size: int = 32, seed: int = 0,
+                 classes: tuple[str, ...] | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        self.split, self.image_size, self.seed = split, int(image_size), int(seed)
+        self.size = int(size) if size is not None else {"train": 30000, "val": 512, "test": 256}[split]
+        self.classes = tuple(classes) if classes is not None else OBJECT_CLASSES
+        for c in self.classes:
+            if c not in OBJECT_CLASSES:
+                raise ValueError(f"unknown toy object class {c!r}; expected some of {OBJECT_CLASSES}")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for a toy split of {self.size} items")
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS[self.split], int(index)]))
+        name = self.classes[int(rng.integers(len(self.classes)))]
+        scene = make_scene(rng, self.image_size, name=name)
+        return {
+            "image": torch.from_numpy(scene["image"]).permute(2, 0, 1).contiguous(),  # (3, H, W) in [0, 1]
+            "mask": torch.from_numpy(scene["mask"]),  # (H, W) bool
+            "boxes": torch.tensor([scene["box"]], dtype=torch.int64),  # (1, 4)
+            "caption": object_prompt(name),
+            "label": name,
+            "background": scene["background"],
+            "id": f"toy-{self.split}-{self.seed}-{index:06d}",
+        }

@@ -1,0 +1,120 @@
+"""Attention capture and heat maps M̂ (Eq. 4) against a reference that stores every map."""
+
+import pytest
+import torch
+
+from foba_core.capture import AttentionCapture, authors_timesteps, heat_maps, token_indices, token_weights
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=8, norm_num_groups=16,
+    ).eval()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return unet, scheduler
+
+
+def _inputs(n=3, seq=9, hw=(8, 6)):
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(n, 4, *hw, generator=g)
+    hidden = torch.randn(n, seq, 16, generator=g)
+    # per-image targets: image 0 one token, image 1 a two-token word, image 2 another token
+    weights = token_weights([[[2]], [[3, 4]], [[5]]], seq)
+    return z0, hidden, weights
+
+
+def test_authors_timesteps():
+    ts = authors_timesteps(40)
+    assert ts[0] == 781 and ts[-1] == 1 and len(ts) == 40 and ts[0] - ts[1] == 20
+    with pytest.raises(ValueError):
+        authors_timesteps(60)
+
+
+@pytest.mark.parametrize("budget", [1e12, 1.0])  # one chunk for everything, and one row per chunk
+def test_heat_maps_equal_reference(tiny_unet, budget):
+    from foba_core.bench import reference_heat_maps
+
+    unet, scheduler = tiny_unet
+    z0, hidden, weights = _inputs()  # non-square latents: 8 x 6 (odd grid below: 4 x 3)
+    ts = [901, 501, 101, 1]
+    ours = heat_maps(unet, scheduler, z0, hidden, weights, timesteps=ts, seed=7, per_layer=True,
+                     per_timestep=True, budget_bytes=budget)
+    ref, ref_layers, stored = reference_heat_maps(unet, scheduler, z0, hidden, weights, timesteps=ts, seed=7)
+    rel = (ours.total - ref).abs().max() / ref.abs().max()
+    assert rel <= 1e-4
+    assert ours.total.shape == (3, 1, 8, 6)
+    # the per-layer and per-timestep views sum to the total
+    assert torch.allclose(sum(ours.per_layer.values()), ours.total, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ours.per_timestep.sum(1), ours.total, rtol=1e-5, atol=1e-6)
+    assert set(ours.per_layer) == set(ref_layers) and len(ours.per_layer) == len(ours.layer_names)
+    for name, m in ours.per_layer.items():
+        assert torch.allclose(m, ref_layers[name], rtol=1e-4, atol=1e-6)
+    assert ours.capture_bytes * 10 < stored
+
+
+def test_processors_restored_and_masked_attention(tiny_unet):
+    from foba_core.bench import reference_heat_maps
+
+    unet, scheduler = tiny_unet
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    z0, hidden, weights = _inputs()
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[:, 7:] = 0  # hide the last tokens from cross-attention (toy models are trained with this)
+    ours = heat_maps(unet, scheduler, z0, hidden, weights, text_mask=mask, timesteps=[501, 1])
+    ref = reference_heat_maps(unet, scheduler, z0, hidden, weights, text_mask=mask, timesteps=[501, 1])[0]
+    unmasked = heat_maps(unet, scheduler, z0, hidden, weights, timesteps=[501, 1]).total
+    assert torch.allclose(ours.total, ref, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(ours.total, unmasked, rtol=1e-3)
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+
+
+def test_conditional_half_only(tiny_unet):
+    unet, scheduler = tiny_unet
+    z0, hidden, weights = _inputs()
+    t = torch.tensor([501] * 3)
+
+    def capture(uncond):
+        with torch.inference_mode(), AttentionCapture(unet, (8, 6), conditional_half=True) as cap:
+            cap.select(weights)
+            unet(torch.cat([z0, z0]), torch.cat([t, t]), torch.cat([uncond, hidden]))
+            return cap.pop()[0]
+
+    a = capture(torch.zeros_like(hidden))
+    b = capture(torch.randn(hidden.shape, generator=torch.Generator().manual_seed(9)))
+    assert torch.allclose(a, b, atol=1e-6)  # the unconditional half does not leak in
+    with torch.inference_mode(), AttentionCapture(unet, (8, 6)) as cap:
+        cap.select(weights)
+        unet(z0, t, hidden)
+        alone = cap.pop()[0]
+    assert torch.allclose(a, alone, rtol=1e-4, atol=1e-6)
+
+
+def test_capture_requires_selection(tiny_unet):
+    unet, _ = tiny_unet
+    z0, hidden, _ = _inputs()
+    with pytest.raises(RuntimeError, match="select"), torch.inference_mode(), AttentionCapture(unet, (8, 6)):
+        unet(z0, torch.tensor([1, 1, 1]), hidden)
+
+
+def test_token_indices_multi_token_words():
+    from foba_core.toy.ldm import build_tokenizer
+
+    import tempfile
+
+    tok = build_tokenizer(tempfile.mkdtemp(), max_length=32)
+    prompt = "Small left pleural effusion and a pneumomediastinum"
+    idx = token_indices(tok, prompt, ["pleural effusion", "pneumomediastinum", "left"])
+    tokens = tok.convert_ids_to_tokens(tok(prompt).input_ids)
+    assert [tokens[i] for i in idx[0]] == ["pleural</w>", "effusion</w>"]
+    assert len(idx[1]) >= 2 and "".join(tokens[i] for i in idx[1]).replace("</w>", "") == "pneumomediastinum"
+    assert [tokens[i] for i in idx[2]] == ["left</w>"]
+    with pytest.raises(ValueError, match="not in the prompt") as err:
+        token_indices(tok, prompt, "bird")
+    assert "pleural</w>" in str(err.value)  # the error shows the prompt's tokens
