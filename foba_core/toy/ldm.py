@@ -7,6 +7,7 @@ code serves the toy and real checkpoints.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -41,7 +42,7 @@ class ToyLDMConfig:
     text_layers: int = 2
     text_heads: int = 2
     max_length: int = 32
-    vocab_size: int = 600
+    vocab_size: int = 1000
     extra_corpus: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -53,27 +54,74 @@ class ToyLDMConfig:
 def tokenizer_corpus(extra: tuple[str, ...] = ()) -> list[str]:
     """Return the sentences the toy BPE tokenizer is trained on."""
     lines = [object_prompt(c) for c in OBJECT_CLASSES] + [BACKGROUND_PROMPT, RADIOLOGY_WORDS]
-    lines += [" ".join("abcdefghijklmnopqrstuvwxyz0123456789"), " ".join(".,:;!?-'()/%&+=\"")]
     return lines * 20 + list(extra)
 
 
-def build_tokenizer(folder: str, max_length: int = 32, vocab_size: int = 600, extra_corpus: tuple[str, ...] = ()):
-    """Train a CLIP-style BPE tokenizer offline with `tokenizers`, save it to ``folder`` and load it as CLIPTokenizer."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def learn_bpe(corpus: str, vocab_size: int = 1000) -> tuple[dict[str, int], tuple[str, ...]]:
+    """Return a CLIP-format BPE vocabulary and merge list learned from ``corpus``, deterministically.
+
+    Like CLIP's: 256 byte-level symbols, the same with the end-of-word suffix ``</w>``, the merges,
+    then BOS and EOS. (With the ``tokenizers`` BpeTrainer the token ids and the order of equally
+    frequent merges change from process to process; here ties go to the alphabetically first pair,
+    so the same corpus always gives the same tokenizer.)
+    """
+    from collections import Counter
+
+    from tokenizers import pre_tokenizers
+
+    to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = alphabet + [c + "</w>" for c in alphabet]
+    words = Counter(to_bytes.pre_tokenize_str(w)[0][0] for w in corpus.lower().split())
+    split = {w: (*w[:-1], w[-1] + "</w>") for w in words}
+    merges = []
+    while len(symbols) + len(merges) + 2 < vocab_size:
+        pairs = Counter()
+        for w, n in words.items():
+            for pair in zip(split[w], split[w][1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))  # most frequent, ties alphabetical
+        merges.append(best)
+        for w, parts in split.items():
+            out, i = [], 0
+            while i < len(parts):
+                if parts[i:i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            split[w] = tuple(out)
+    tokens = symbols + [a + b for a, b in merges] + [BOS, EOS]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return vocab, tuple(f"{a} {b}" for a, b in merges)
+
+
+def clip_tokenizer(corpus: str, max_length: int, vocab_size: int = 1000, folder: str | None = None):
+    """Return a CLIPTokenizer loaded from the vocab.json + merges.txt learned on ``corpus`` (saved to ``folder`` if given)."""
     from transformers import CLIPTokenizer
 
-    bpe = Tokenizer(models.BPE(unk_token=None, end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  end_of_word_suffix="</w>", show_progress=False)
-    bpe.train_from_iterator(tokenizer_corpus(extra_corpus), trainer)
+    vocab, merges = learn_bpe(corpus, vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
-        bpe.model.save(tmp)  # vocab.json + merges.txt, the files CLIPTokenizer reads
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length, pad_token="<|endoftext|>")
-    os.makedirs(folder, exist_ok=True)
-    tokenizer.save_pretrained(folder)
+        with open(os.path.join(tmp, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(tmp, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length, pad_token=EOS)
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+        tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def build_tokenizer(folder: str, max_length: int = 32, vocab_size: int = 1000, extra_corpus: tuple[str, ...] = ()):
+    """Learn the toy CLIP-style BPE tokenizer offline, save it to ``folder`` and return it."""
+    return clip_tokenizer(" ".join(tokenizer_corpus(extra_corpus)), max_length, vocab_size, folder)
 
 
 def build_components(cfg: ToyLDMConfig, tokenizer_dir: str, seed: int = 0) -> dict:
@@ -106,7 +154,8 @@ def build_components(cfg: ToyLDMConfig, tokenizer_dir: str, seed: int = 0) -> di
     )
     # Stable Diffusion's noise schedule: 1000 steps, scaled-linear betas, epsilon prediction.
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type="epsilon", clip_sample=False)
+                              beta_end=0.012, prediction_type="epsilon", clip_sample=False,
+                              steps_offset=1)
     return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
 
 

@@ -1,0 +1,223 @@
+"""Loading the latent diffusion model (LDM) that the concepts are distilled from, offline.
+
+``load_pipeline`` accepts a local diffusers folder in the Stable Diffusion 1.x/2.x layout, one
+``.ckpt`` / ``.safetensors`` file in the original CompVis/Stability layout, or the preset ``"toy"``
+(the tiny LDM shipped with the ``foba_toy`` bundle). Nothing is ever downloaded: every diffusers
+call gets ``local_files_only=True``, and the safety checker is never loaded.
+
+A model folder may hold a ``foba.json`` next to ``model_index.json``; its ``text_attention_mask``
+says whether the U-Net was trained to ignore EOS and padding tokens (the toy LDM is, real Stable
+Diffusion is not). ``encode_prompts`` returns that mask so that attention capture, fine-tuning
+and sampling call the U-Net the way it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from foba_core.diffusion import encode_text
+
+TOY_PRESET = "toy"
+TOY_ENV = "FOBA_TOY_MODEL"
+TOY_CREATE = "python -m monai.bundle run --config_file bundles/foba_toy/configs/pretrain.yaml"
+FOBA_JSON = "foba.json"
+# What a diffusers SD folder must hold; safety_checker/ and feature_extractor/ are never needed.
+FOLDER_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Component configs that from_single_file takes from a local folder given as ``config``.
+CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                "scheduler/scheduler_config.json", "tokenizer")
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
+CONFIG_HINT = ("pass config=<a local diffusers SD folder with the same architecture> (CLI: --config), "
+               "from which the component configs, tokenizer and scheduler are read")
+
+
+def toy_model_path() -> Path:
+    """Return the folder of the toy LDM: $FOBA_TOY_MODEL, else <repo>/bundles/foba_toy/models/toy_ldm."""
+    env = os.environ.get(TOY_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parent.parent / "bundles" / "foba_toy" / "models" / "toy_ldm"
+
+
+def load_pipeline(source, *, config=None, original_config=None, torch_dtype: torch.dtype = torch.float32,
+                  device="cpu"):
+    """Return the StableDiffusionPipeline of ``source`` (SD folder, single checkpoint file or "toy"), offline.
+
+    The pipeline gets two attributes: ``text_attention_mask`` (bool, from ``foba.json``; False when
+    absent) and ``foba_source`` (the resolved path it was loaded from). For a single file,
+    ``config`` is a local diffusers folder to take the component configs from, ``original_config``
+    the original LDM yaml (U-Net and VAE architecture); ``foba.json`` is read from ``config``.
+    The string "toy" always means the preset; pass "./toy" for a folder of that name.
+    """
+    if isinstance(torch_dtype, str):  # config files may name the dtype: "float16", "bfloat16", ...
+        torch_dtype = getattr(torch, torch_dtype, torch_dtype)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")
+    if isinstance(source, str) and source == TOY_PRESET:
+        path = _toy_folder()
+    else:
+        path = Path(source).expanduser()
+    if path.is_dir() and (config is not None or original_config is not None):
+        raise ValueError(f"{path} is a diffusers folder, which carries its own configs; config and original_config "
+                         "apply to single checkpoint files only")
+    if path.is_dir():
+        pipe = _load_folder(path, torch_dtype)
+        settings = read_foba_json(path)
+    elif path.is_file():
+        pipe = _load_single_file(path, config, original_config, torch_dtype)
+        settings = read_foba_json(Path(config)) if config is not None else {}
+    else:
+        raise FileNotFoundError(
+            f"model source {str(source)!r} not found: expected a local diffusers SD folder, a "
+            f"{'/'.join(SINGLE_FILE_SUFFIXES)} file or the preset {TOY_PRESET!r} (nothing is downloaded)"
+        )
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.text_attention_mask = settings.get("text_attention_mask", False)
+    pipe.foba_source = str(path.resolve())
+    return pipe
+
+
+def _toy_folder() -> Path:
+    path = toy_model_path()
+    if not path.is_dir():
+        origin = f"${TOY_ENV}" if os.environ.get(TOY_ENV) else "the default location"
+        raise FileNotFoundError(
+            f"toy LDM folder {path} (from {origin}) does not exist; create it with `{TOY_CREATE}` "
+            f"from the repository root, or set {TOY_ENV} to a saved toy model folder"
+        )
+    return path
+
+
+def _missing(folder: Path, parts) -> list[str]:
+    return [p for p in parts if not (folder / p).exists()]
+
+
+def _load_folder(path: Path, torch_dtype):
+    from diffusers import StableDiffusionPipeline
+
+    missing = _missing(path, FOLDER_PARTS)
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)} "
+            f"(expected {', '.join(FOLDER_PARTS)})"
+        )
+    return StableDiffusionPipeline.from_pretrained(
+        path, dtype=torch_dtype, local_files_only=True,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _load_single_file(path: Path, config, original_config, torch_dtype):
+    from diffusers import StableDiffusionPipeline
+
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ValueError(
+            f"{path}: unsupported checkpoint suffix {path.suffix!r}; expected a diffusers folder or one of "
+            f"{', '.join(SINGLE_FILE_SUFFIXES)}"
+        )
+    if config is None and original_config is None:
+        raise ValueError(f"{path}: a single checkpoint file holds weights only; {CONFIG_HINT}")
+    kwargs = {}
+    if config is not None:
+        config = Path(config).expanduser()
+        if not config.is_dir():
+            raise FileNotFoundError(f"config {config} for {path} is not a folder; {CONFIG_HINT}")
+        missing = _missing(config, CONFIG_FILES)
+        if missing:
+            raise FileNotFoundError(
+                f"config folder {config} for {path} lacks {', '.join(missing)} "
+                f"(expected {', '.join(CONFIG_FILES)}); {CONFIG_HINT}"
+            )
+        kwargs["config"] = str(config)
+    if original_config is not None:
+        if not Path(original_config).is_file():
+            raise FileNotFoundError(f"original_config {original_config} for {path} is not a file; "
+                                    "pass the original LDM yaml (e.g. v1-inference.yaml) of this checkpoint")
+        kwargs["original_config"] = str(original_config)
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), dtype=torch_dtype, local_files_only=True,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kwargs,
+        )
+    except (OSError, ValueError) as err:
+        if config is not None:
+            raise
+        # With original_config alone diffusers looks for the base model's CLIP tokenizer and text
+        # encoder configs in the Hugging Face cache; offline they are usually not there.
+        raise ValueError(
+            f"{path}: loading with original_config alone needs the CLIP tokenizer and text encoder configs of "
+            f"the base model in the local Hugging Face cache ({err}); {CONFIG_HINT}"
+        ) from err
+
+
+def read_foba_json(folder: Path) -> dict:
+    """Return the settings of a model folder's foba.json ({} when absent), validated."""
+    file = Path(folder) / FOBA_JSON
+    if not file.is_file():
+        return {}
+    try:
+        settings = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); fix or delete it") from err
+    if not isinstance(settings, dict):
+        raise ValueError(f"{file} must hold a JSON object such as {{\"text_attention_mask\": true}}")
+    flag = settings.get("text_attention_mask", False)
+    if not isinstance(flag, bool):
+        raise ValueError(f"{file}: text_attention_mask must be true or false, got {flag!r}")
+    return settings
+
+
+def encode_prompts(pipe, prompts: list[str], device=None):
+    """Return the frozen text encoder's embeddings of the prompts (B, L, D) and the U-Net key mask (B, L) or None.
+
+    Tokens are padded to the tokenizer's ``model_max_length``. The mask is returned only when
+    ``pipe.text_attention_mask`` is True: it hides EOS and padding from cross-attention, exactly as
+    in training, and must be passed to the U-Net as ``encoder_attention_mask``.
+    """
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a list of strings, got {prompts!r}; wrap a single prompt as [prompt]")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; pass at least one prompt")
+    use_mask = bool(getattr(pipe, "text_attention_mask", False))
+    return encode_text(pipe.tokenizer, pipe.text_encoder, list(prompts), use_mask, device)  # (B, L, D), (B, L)
+
+
+def save_pipeline(pipe, folder, extra: dict | None = None) -> Path:
+    """Write the pipeline as a diffusers folder (safetensors) with foba.json, replacing ``folder`` atomically.
+
+    ``foba.json`` holds ``text_attention_mask`` (from the pipeline) and the keys of ``extra``. An
+    existing ``folder`` is replaced only if it is empty or a saved pipeline (has model_index.json).
+    """
+    folder = Path(folder).expanduser().resolve()
+    replaceable = folder.is_dir() and (not any(folder.iterdir()) or (folder / FOLDER_PARTS[0]).is_file())
+    if folder.exists() and not replaceable:
+        raise FileExistsError(f"{folder} exists and is not a saved pipeline (no {FOLDER_PARTS[0]}); "
+                              "choose a new or empty folder, it would be replaced")
+    extra = dict(extra or {})
+    if "text_attention_mask" in extra:
+        raise ValueError("extra must not set text_attention_mask; set pipe.text_attention_mask instead")
+    settings = json.dumps({"text_attention_mask": bool(getattr(pipe, "text_attention_mask", False)), **extra},
+                          indent=2)  # fails here, before any write, if extra is not JSON-serialisable
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / FOBA_JSON).write_text(settings + "\n")
+        if folder.exists():  # a non-empty folder cannot be renamed over: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder

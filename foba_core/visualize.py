@@ -1,0 +1,83 @@
+"""Pictures people look at: heat-map and mask overlays, labelled grids (PNG, written atomically)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """Return a (C, H, W) image in [0, 1] as (H, W, 3) uint8 (grayscale is replicated)."""
+    x = image.detach().float().cpu().clamp(0, 1)
+    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
+    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _resize_map(values: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
+    v = values.detach().float().cpu()[None, None]
+    return F.interpolate(v, size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def heat_overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
+    """Return the image with the min-max normalised heat map (any resolution) blended on top in a jet colour map."""
+    from matplotlib import colormaps
+
+    base = to_uint8(image).astype(np.float32)
+    h = _resize_map(heat, base.shape[:2])
+    h = (h - h.min()) / max(float(h.max() - h.min()), 1e-12)
+    colour = colormaps["jet"](h)[..., :3] * 255
+    return (base * (1 - alpha) + colour * alpha).round().astype(np.uint8)
+
+
+def mask_overlay(image: torch.Tensor, mask: torch.Tensor, colour=(255, 40, 40), alpha: float = 0.45) -> np.ndarray:
+    """Return the image with a (nearest-neighbour upsampled) binary mask tinted on top."""
+    base = to_uint8(image).astype(np.float32)
+    m = mask.detach().float().cpu()[None, None]
+    m = F.interpolate(m, size=base.shape[:2], mode="nearest")[0, 0].numpy() > 0.5
+    out = base.copy()
+    out[m] = base[m] * (1 - alpha) + np.asarray(colour, np.float32) * alpha
+    return out.round().astype(np.uint8)
+
+
+def draw_boxes(tile: np.ndarray, boxes, colour=(0, 255, 0)) -> np.ndarray:
+    """Return the tile with boxes (x1 y1 x2 y2, exclusive end, in tile pixels) drawn as outlines."""
+    img = Image.fromarray(tile)
+    draw = ImageDraw.Draw(img)
+    for x1, y1, x2, y2 in np.asarray(boxes, dtype=float).reshape(-1, 4):
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=colour, width=max(1, tile.shape[0] // 128))
+    return np.asarray(img)
+
+
+def save_png(array: np.ndarray, path: str) -> str:
+    """Write an (H, W[, 3]) uint8 array as PNG atomically; return the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.png"
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_grid(rows: list[list[np.ndarray]], path: str, column_titles: list[str] | None = None,
+              min_tile: int = 128) -> str:
+    """Tile equally sized uint8 images into one labelled PNG (small tiles are enlarged with nearest neighbour)."""
+    if not rows or not rows[0]:
+        raise ValueError(f"nothing to draw into {path}")
+    th, tw = rows[0][0].shape[:2]
+    scale = max(1, int(np.ceil(min_tile / max(th, 1))))
+    th, tw = th * scale, tw * scale
+    pad, head = 2, (14 if column_titles else 0)
+    ncol = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (ncol * (tw + pad) + pad, head + len(rows) * (th + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(column_titles or []):
+        draw.text((pad + j * (tw + pad) + 2, 1), title, fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            tile = tile if tile.ndim == 3 else np.repeat(tile[..., None], 3, axis=2)
+            img = Image.fromarray(tile).resize((tw, th), Image.NEAREST)
+            canvas.paste(img, (pad + j * (tw + pad), head + pad + i * (th + pad)))
+    return save_png(np.asarray(canvas), path)
