@@ -1,0 +1,97 @@
+"""The toy world and the toy LDM: determinism, exact labels, tokenizer, pretraining lowers the loss and resumes."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from foba_core.toy.world import OBJECT_CLASSES, ToyWorld
+
+PRETRAIN = os.path.join(os.path.dirname(__file__), "..", "bundles", "foba_toy", "configs", "pretrain.yaml")
+
+
+def test_toy_world_is_deterministic_and_splits_differ():
+    a, b = ToyWorld("test", size=8, seed=3), ToyWorld("test", size=8, seed=3)
+    for i in range(8):
+        x, y = a[i], b[i]
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"]) and x["id"] == y["id"]
+    other_seed, train = ToyWorld("test", size=8, seed=4), ToyWorld("train", size=8, seed=3)
+    assert not torch.equal(a[0]["image"], other_seed[0]["image"])
+    assert not torch.equal(a[0]["image"], train[0]["image"])
+    assert len({a[i]["id"] for i in range(8)} | {train[i]["id"] for i in range(8)}) == 16
+
+
+def test_toy_items_follow_the_dataset_convention_and_labels_are_exact():
+    world = ToyWorld("train", size=40, seed=0)
+    seen = set()
+    for i in range(len(world)):
+        item = world[i]
+        image, mask, box = item["image"], item["mask"], item["boxes"][0]
+        assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+        assert mask.dtype == torch.bool and mask.shape == (32, 32) and 10 < mask.sum() < 32 * 32 * 0.6
+        assert item["caption"] == f"a photo of a {item['label']}"
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+        # the object is drawn in one shaded colour: its pixels vary little along a row
+        obj = image[:, mask]
+        assert obj.std(dim=1).max() < 0.2
+        seen.add(item["label"])
+    assert seen == set(OBJECT_CLASSES)
+    with pytest.raises(IndexError):
+        world[40]
+    with pytest.raises(ValueError, match="split"):
+        ToyWorld("holdout")
+
+
+def test_toy_tokenizer_is_deterministic_and_keeps_the_object_words_whole(tmp_path):
+    from foba_core.toy.ldm import build_tokenizer, learn_bpe, tokenizer_corpus
+
+    corpus = " ".join(tokenizer_corpus())
+    assert learn_bpe(corpus) == learn_bpe(corpus)
+    tok = build_tokenizer(str(tmp_path / "tok"))
+    for name in (*OBJECT_CLASSES, "background"):
+        assert tok.tokenize(f"a photo of a {name}") == ["a</w>", "photo</w>", "of</w>", "a</w>", f"{name}</w>"]
+    assert sorted(os.listdir(tmp_path / "tok")) >= ["merges.txt", "vocab.json"]
+
+
+def _workflow(output_dir, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=PRETRAIN, workflow_type="train", output_dir=str(output_dir),
+                        model_dir=str(output_dir / "model"), **overrides)
+    wf.initialize()
+    return wf
+
+
+@pytest.mark.slow
+def test_pretraining_lowers_the_loss_resumes_and_saves_an_sd_folder(tmp_path):
+    from ignite.engine import Events
+
+    small = dict(n_train=256, vae_steps=40, max_steps=60, batch_size=16, warmup_steps=5, checkpoint_interval=20)
+    wf = _workflow(tmp_path, **small)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=40), lambda e: e.terminate())  # an interruption
+    wf.run()
+    assert trainer.state.iteration == 40
+    first = json.loads((tmp_path / "train_log.json").read_text())
+
+    wf = _workflow(tmp_path, **small)  # a new process would do exactly this
+    wf.run()
+    wf.finalize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == 60  # continued from 40, did not start over
+    second = json.loads((tmp_path / "train_log.json").read_text())
+    assert second["iterations_this_run"] == 20
+    losses = first["losses"] + second["losses"]
+    assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:10])
+
+    from foba_core.models import load_pipeline
+
+    pipe = load_pipeline(str(tmp_path / "model"))
+    assert pipe.text_attention_mask is True
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+    assert abs(pipe.vae.config.scaling_factor - 1.0) > 1e-6  # set from the latent std
+    foba = json.loads((tmp_path / "model" / "foba.json").read_text())
+    assert foba["training"]["iterations"] == 60
