@@ -11,7 +11,6 @@ Conventions: a prediction or target mask is bool (or 0/1) of shape (H, W); boxes
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -7,7 +7,6 @@ progress bars, MLflow tracking and sharding come from the usual MONAI/ignite mac
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 
@@ -16,11 +15,12 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from foba_core.capture import authors_timesteps, heat_maps, token_indices, token_weights
+from foba_core.io import write_csv, write_json, write_torch
 from foba_core.masks import preliminary_masks, upsample_mask
 from foba_core.metrics import AUCAccumulator, SegmentationAccumulator
 from foba_core.models import encode_prompts
 from foba_core.transforms import resize_center_crop
-from foba_core.visualize import heat_overlay, mask_overlay, save_grid, save_png, to_uint8
+from foba_core.visualize import heat_overlay, mask_overlay, save_grid, to_uint8
 
 
 def model_resolution(pipe) -> int:
@@ -142,10 +142,10 @@ class Stage1Writer:
         os.makedirs(self.output_dir, exist_ok=True)
         metrics = self.metrics()
         engine.state.metrics.update(metrics)
-        _atomic_torch_save({"ids": self.ids, "heatmaps": torch.stack(self.heatmaps), "m_pre": torch.stack(self.m_pre)},
+        write_torch({"ids": self.ids, "heatmaps": torch.stack(self.heatmaps), "m_pre": torch.stack(self.m_pre)},
                            os.path.join(self.output_dir, "stage1.pt"))
-        _atomic_json(metrics, os.path.join(self.output_dir, "metrics.json"))
-        _atomic_csv(self.rows, os.path.join(self.output_dir, "per_image.csv"))
+        write_json(metrics, os.path.join(self.output_dir, "metrics.json"))
+        write_csv(self.rows, os.path.join(self.output_dir, "per_image.csv"))
         if self.grid:
             titles = ["image", "heat map M^", "M_pre", "ground truth"]
             save_grid(self.grid, os.path.join(self.output_dir, "overlays.png"), column_titles=titles)
@@ -157,25 +157,3 @@ def _scores(pred: torch.Tensor, gt: torch.Tensor) -> dict:
 
     return {"acc_pre": accuracy(pred, gt), "iou_pre": foreground_iou(pred, gt), "miou_pre": mean_iou(pred, gt)}
 
-
-def _atomic_torch_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _atomic_csv(rows: list[dict], path: str) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ import torch
 from monai.utils import look_up_option
 from PIL import Image
 
+from foba_core.io import atomic_write
 from foba_med.reports import choose_prompt
 
 logger = logging.getLogger(__name__)
@@ -43,20 +43,6 @@ IMAGE_FORMATS = ("auto", "jpg", "dcm")
 class CXRReadError(ValueError):
     """A chest X-ray image or report that exists but cannot be read."""
 
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Return ``path`` after ``write(tmp)`` filled a temporary file in the same folder that then replaced it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _read_table(mimic_dir: str | os.PathLike, name: str, columns: Sequence[str]) -> pd.DataFrame:

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -111,15 +108,3 @@ class RecordDataset(torch.utils.data.Dataset):
             item["mask"] = mask
         return item
 
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path`` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

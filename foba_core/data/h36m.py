@@ -45,7 +45,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from foba_core.data._io import RecordDataset, atomic_write, check_split, require_file
+from foba_core.data._io import RecordDataset, check_split, require_file
+from foba_core.io import atomic_write
 from foba_core.toy.world import object_prompt
 
 logger = logging.getLogger(__name__)
