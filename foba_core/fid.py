@@ -1,0 +1,191 @@
+"""Fréchet distance between image sets in the feature space of a TorchScript network (FID, paper Table 3).
+
+The standard network is NVIDIA's TorchScript Inception-v3 ``inception-2015-12-05.pt`` (the
+feature extractor of StyleGAN2-ADA and clean-fid): ``net(images, return_features=True)`` with
+uint8 images (N, 3, H, W) in [0, 255] of any size (it resizes to 299 internally) returns the
+2048-d pool features (N, 2048). It cannot be downloaded here; ``load_feature_network`` takes a
+local copy. For the toy world, ``train_toy_feature_network`` trains a small CNN classifier of the
+toy classes plus a background-only class and saves it as TorchScript with the same call; its
+distances are NOT comparable to Inception FIDs and are always labelled ``FID_LABEL_TOY``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from foba_core.metrics import feature_statistics, frechet_distance
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
+FID_LABEL = "FID"
+FID_LABEL_TOY = "FID (toy feature network, not Inception)"
+BACKGROUND_CLASS = "background"
+
+
+class ToyFeatureNet(torch.nn.Module):
+    """A small CNN classifier of toy scenes with Inception's FID call: ``net(uint8 (N, 3, H, W), return_features)``.
+
+    Images are resized to ``image_size`` inside; the features are the global-average-pooled last
+    convolution (N, ``feature_dim``), the logits a linear layer on top over ``classes``.
+    """
+
+    def __init__(self, classes: list[str], image_size: int = 32, width: int = 32, feature_dim: int = 64):
+        super().__init__()
+        self.classes = list(classes)
+        self.image_size = int(image_size)
+        self.kind = "toy"
+
+        def block(c_in: int, c_out: int) -> torch.nn.Sequential:
+            return torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, 3, padding=1), torch.nn.BatchNorm2d(c_out),
+                                       torch.nn.SiLU(), torch.nn.Conv2d(c_out, c_out, 3, padding=1),
+                                       torch.nn.BatchNorm2d(c_out), torch.nn.SiLU())
+
+        self.body = torch.nn.Sequential(block(3, width), torch.nn.MaxPool2d(2), block(width, 2 * width),
+                                        torch.nn.MaxPool2d(2), block(2 * width, feature_dim))
+        self.head = torch.nn.Linear(feature_dim, len(self.classes))
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if x.shape[1] != 3:
+            raise ValueError("ToyFeatureNet expects RGB images (N, 3, H, W) with values in [0, 255]")
+        x = x.float() / 255.0  # (N, 3, H, W) in [0, 1]
+        if x.shape[-2] != self.image_size or x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=[self.image_size, self.image_size], mode="bilinear", align_corners=False)
+        features = self.body(x * 2 - 1).mean(dim=(2, 3))  # (N, D)
+        if return_features:
+            return features
+        return self.head(features)  # (N, classes) logits
+
+
+def _save_script(module: torch.jit.ScriptModule, out_path) -> Path:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    torch.jit.save(module, str(tmp))
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def train_toy_feature_network(world, steps: int = 1500, seed: int = 0, out_path=None, batch_size: int = 64,
+                              lr: float = 2e-3, device=None, **net_kwargs) -> torch.jit.ScriptModule:
+    """Return the toy feature network (TorchScript) trained to classify the toy classes and background-only scenes.
+
+    ``world`` is a ToyWorld split (items with ``image`` and ``label``); every batch also holds
+    background-only images of the toy world's textures (class ``"background"``), as many as an object
+    class on average. Saved atomically to ``out_path`` when given.
+    """
+    from foba_core.toy.world import BACKGROUNDS, _background
+
+    classes = [*world.classes, BACKGROUND_CLASS]
+    size = world.image_size
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                          else "cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ToyFeatureNet(classes, image_size=size, **net_kwargs)
+    net.to(device).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    n_background = max(1, batch_size // len(classes))
+    for _ in range(steps):
+        items = [world[int(i)] for i in rng.integers(len(world), size=batch_size - n_background)]
+        backgrounds = [_background(BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))], size, rng)
+                       for _ in range(n_background)]  # (H, W, 3) each
+        images = torch.cat([torch.stack([it["image"] for it in items]),
+                            torch.from_numpy(np.stack(backgrounds)).permute(0, 3, 1, 2)])  # (B, 3, H, W)
+        labels = torch.tensor([classes.index(it["label"]) for it in items] + [len(classes) - 1] * n_background)
+        logits = net(to_uint8(images).to(device))
+        loss = F.cross_entropy(logits, labels.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    scripted = torch.jit.script(net.eval().cpu())
+    if out_path is not None:
+        _save_script(scripted, out_path)
+    return scripted
+
+
+def load_feature_network(path, device="cpu") -> torch.jit.ScriptModule:
+    """Return the TorchScript feature network at ``path`` (e.g. inception-2015-12-05.pt), checked and in eval mode.
+
+    The network must follow the Inception FID call ``net(uint8 (N, 3, H, W), return_features=True)
+    -> (N, D)``; a two-image probe checks that. Nothing is downloaded.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"feature network {path} not found. The standard FID network is NVIDIA's TorchScript Inception-v3 "
+            f"{INCEPTION_FILE} (used by StyleGAN2-ADA and clean-fid): fetch it on a machine with internet from "
+            f"{INCEPTION_URL} and pass its local path; nothing is downloaded here. For the toy world, train one "
+            "with foba_core.fid.train_toy_feature_network(world, out_path=...)."
+        )
+    try:
+        net = torch.jit.load(str(path), map_location=device)
+    except Exception as err:  # torch raises RuntimeError or ValueError for truncated or non-TorchScript files
+        raise ValueError(f"{path} is not a TorchScript file that torch.jit.load can read ({err}); "
+                         f"re-fetch it ({INCEPTION_URL} for Inception) or re-save it with torch.jit.save") from err
+    net.eval()
+    try:
+        with torch.no_grad():
+            probe = net(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=device), return_features=True)
+    except Exception as err:
+        raise ValueError(f"{path} does not accept the FID call net(uint8 images (N, 3, H, W), return_features=True) "
+                         f"({err})") from err
+    if not torch.is_tensor(probe) or probe.ndim != 2 or probe.shape[0] != 2:
+        shape = tuple(probe.shape) if torch.is_tensor(probe) else type(probe).__name__
+        raise ValueError(f"{path}: net(images, return_features=True) must return features (N, D), got {shape}")
+    return net
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Return images (N, C, H, W) as uint8 RGB in [0, 255]: floats in [0, 1] are rounded, grayscale replicated."""
+    images = torch.as_tensor(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def _device(network) -> torch.device:
+    return next(iter(network.parameters()), torch.empty(0)).device
+
+
+@torch.no_grad()
+def extract_features(network, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Return the feature vectors (N, D) float64 of images (float in [0, 1] or uint8) under the FID network."""
+    images, device = to_uint8(images), _device(network)
+    out = [network(images[i:i + batch_size].to(device), return_features=True).double().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def fid(network, images_a: torch.Tensor, images_b: torch.Tensor, batch_size: int = 64) -> float:
+    """Return the Fréchet distance between the Gaussians fitted to the features of two image sets (FID)."""
+    stats_a = feature_statistics(extract_features(network, images_a, batch_size))
+    stats_b = feature_statistics(extract_features(network, images_b, batch_size))
+    return frechet_distance(*stats_a, *stats_b)
+
+
+def fid_label(network) -> str:
+    """Return the name to report a distance under: ``FID_LABEL_TOY`` for the toy feature network, else "FID"."""
+    return FID_LABEL_TOY if getattr(network, "kind", None) == "toy" else FID_LABEL
+
+
+@torch.no_grad()
+def object_score(network, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Return P(an object, not background only, is present) (N,) for each image under the toy feature network."""
+    classes = list(getattr(network, "classes", []))
+    if BACKGROUND_CLASS not in classes:
+        raise ValueError(f"object_score needs a classifier with a {BACKGROUND_CLASS!r} class (the toy feature "
+                         f"network of train_toy_feature_network); this network has classes {classes or 'none'}")
+    images, device = to_uint8(images), _device(network)
+    probs = torch.cat([network(images[i:i + batch_size].to(device)).float().softmax(-1).cpu()
+                       for i in range(0, len(images), batch_size)])  # (N, classes)
+    return 1 - probs[:, classes.index(BACKGROUND_CLASS)]

@@ -1,0 +1,144 @@
+"""Stage 3 (paper Sec. 3, Eq. 5-6): background inpainting with the fine-tuned model m' and refined masks M.
+
+Eq. 6 replaces the foreground latents by noise, z̃0 = z0 ⊙ (1 − M_pre) + z ⊙ M_pre, and m' denoises
+z̃0 under y_b = "a photo of a background". The reverse process is any diffusers scheduler compatible
+with the model's (DDIM by default) with latent blending: after every step the known background is
+reset to q_sample(z0, t_prev), and after the last one to z0 itself, so only the foreground is
+generated. Eq. 5 then keeps the pixels of M_pre,up where the image changed: M = M_pre,up ⊙ g(|x − x̂|).
+``crop_masks`` is the M_crop ablation (supplement Sec. 5), which uses no model.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from monai.utils import look_up_option
+
+from foba_core.masks import flip_crop_inpaint, refined_mask, upsample_mask
+from foba_core.models import encode_prompts
+from foba_core.preliminary import encode_latents
+from foba_core.toy.world import BACKGROUND_PROMPT
+
+
+def scheduler_names(pipe) -> tuple[str, ...]:
+    """Return the class names of the diffusers schedulers compatible with the pipeline's scheduler."""
+    own = pipe.scheduler
+    return tuple(dict.fromkeys([type(own).__name__, *(c.__name__ for c in own.compatibles)]))
+
+
+def make_scheduler(pipe, scheduler: str = "DDIMScheduler"):
+    """Return a fresh sampler of class ``scheduler`` (one of ``scheduler_names``) built from the model's config."""
+    import diffusers
+
+    if not isinstance(scheduler, str):
+        raise TypeError(f"scheduler must be a diffusers scheduler class name such as 'DDIMScheduler', "
+                        f"got {scheduler!r}")
+    name = look_up_option(scheduler, scheduler_names(pipe))
+    return getattr(diffusers, name).from_config(pipe.scheduler.config)
+
+
+def _check_batch(pipe, z0: torch.Tensor, m_pre: torch.Tensor) -> None:
+    if z0.ndim != 4 or m_pre.shape != (z0.shape[0], *z0.shape[-2:]):
+        raise ValueError(
+            f"expected latents (B, C, h, w) and M_pre (B, h, w) at the same latent resolution, got "
+            f"{tuple(z0.shape)} and {tuple(m_pre.shape)}; images must be at the model's resolution "
+            f"({pipe.unet.config.sample_size * pipe.vae_scale_factor} px: resize with transforms.resize_center_crop)"
+        )
+
+
+@torch.no_grad()
+def inpaint_latents(pipe, z0: torch.Tensor, m_pre: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
+                    scheduler: str = "DDIMScheduler", num_inference_steps: int = 50, seed: int = 0,
+                    strength: float = 1.0) -> torch.Tensor:
+    """Return the latents of m'(z̃0, y_b) (B, C, h, w): the foreground of M_pre regenerated, the background exactly z0.
+
+    z0 (B, C, h, w) are the encoded images, ``m_pre`` (B, h, w) the preliminary masks. The reverse
+    process starts at the first ``strength`` fraction of the ``num_inference_steps`` timesteps from
+    q_sample(z̃0, t_start) of Eq. 6. Image b of the batch draws its noise from ``seed + b``, so a
+    batch split in two (seeds s and s + B1) gives the same results as one call.
+    """
+    _check_batch(pipe, z0, m_pre)
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    sampler = make_scheduler(pipe, scheduler)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    b = z0.shape[0]
+    z0 = z0.to(device, torch.float32)
+    fg = m_pre.to(device).bool()[:, None]  # (B, 1, h, w): True = foreground, to be inpainted
+    generators = [torch.Generator().manual_seed(int(seed) + i) for i in range(b)]
+    z = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generators]).to(device)  # Eq. 6's z
+    noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generators]).to(device)
+
+    sampler.set_timesteps(num_inference_steps, device=device)
+    n_run = min(int(num_inference_steps * strength), num_inference_steps)
+    if n_run < 1:
+        raise ValueError(f"strength {strength} leaves no step of {num_inference_steps}; raise either")
+    first = (num_inference_steps - n_run) * sampler.order
+    timesteps = sampler.timesteps[first:]
+    if hasattr(sampler, "set_begin_index"):
+        sampler.set_begin_index(first)
+
+    hidden, key_mask = encode_prompts(pipe, [prompt] * b, device=device)  # (B, L, D), (B, L) | None
+    unet_kwargs = {"encoder_attention_mask": key_mask} if key_mask is not None else {}
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(sampler.step).parameters else {}
+
+    z_tilde = torch.where(fg, z, z0)  # Eq. 6: z̃0 = z0 ⊙ (1 − M_pre) + z ⊙ M_pre
+    latents = sampler.add_noise(z_tilde, noise, timesteps[:1].repeat(b))  # q_sample(z̃0, t_start)
+    for i, t in enumerate(timesteps):
+        model_input = sampler.scale_model_input(latents, t).to(dtype)
+        eps = pipe.unet(model_input, t, encoder_hidden_states=hidden.to(dtype), **unet_kwargs).sample
+        latents = sampler.step(eps.float(), t, latents, **step_kwargs).prev_sample
+        if i + 1 < len(timesteps):  # latent blending: the known background at the next noise level
+            known = sampler.add_noise(z0, noise, timesteps[i + 1:i + 2].repeat(b))
+        else:
+            known = z0
+        latents = torch.where(fg, latents, known)
+    return latents
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Return the decoded images (B, 3, H, W) in [0, 1] of latents scaled by the VAE's scaling factor."""
+    vae = pipe.vae
+    x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def inpaint_background(pipe, images: torch.Tensor, m_pre: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
+                       scheduler: str = "DDIMScheduler", num_inference_steps: int = 50, seed: int = 0,
+                       strength: float = 1.0) -> torch.Tensor:
+    """Return m'(z̃0, y_b): the images (B, 3, H, W) in [0, 1] with the foreground of M_pre inpainted by background."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"inpaint_background: expected images (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    z0 = encode_latents(pipe, images)  # (B, C, h, w), the posterior mean
+    latents = inpaint_latents(pipe, z0, m_pre, prompt, scheduler, num_inference_steps, seed, strength)
+    return decode_latents(pipe, latents)
+
+
+def _masks_from(images: torch.Tensor, filled: torch.Tensor, m_pre: torch.Tensor, random_state: int | None):
+    """Eq. 5 for a batch: M = M_pre,up ⊙ g(|x − x̂|), one GMM per image."""
+    m_pre_up = upsample_mask(m_pre.cpu(), tuple(images.shape[-2:]))  # (B, H, W)
+    images, filled = images.detach().float().cpu(), filled.detach().float().cpu()
+    return torch.stack([refined_mask(x, f, m, random_state) for x, f, m in zip(images, filled, m_pre_up)])
+
+
+def refine_masks(pipe, images: torch.Tensor, m_pre: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
+                 scheduler: str = "DDIMScheduler", num_inference_steps: int = 50, seed: int = 0,
+                 strength: float = 1.0, random_state: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the refined masks M (B, H, W) bool of Eq. 5 and the inpainted images m'(z̃0, y_b) (B, 3, H, W)."""
+    inpainted = inpaint_background(pipe, images, m_pre, prompt, scheduler, num_inference_steps, seed, strength)
+    return _masks_from(images, inpainted, m_pre, random_state), inpainted
+
+
+def crop_masks(images: torch.Tensor, m_pre: torch.Tensor, random_state: int | None = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the M_crop masks (B, H, W) bool (Eq. 5 with the flipped background crop) and the filled images."""
+    if images.ndim != 4 or m_pre.ndim != 3 or m_pre.shape[0] != images.shape[0]:
+        raise ValueError(f"crop_masks: expected images (B, C, H, W) and M_pre (B, h, w), got {tuple(images.shape)} "
+                         f"and {tuple(m_pre.shape)}")
+    m_pre_up = upsample_mask(m_pre.cpu(), tuple(images.shape[-2:]))
+    images = images.detach().float().cpu()
+    filled = torch.stack([flip_crop_inpaint(x, m) for x, m in zip(images, m_pre_up)])
+    return _masks_from(images, filled, m_pre, random_state), filled

@@ -1,0 +1,278 @@
+"""The segmentation network trained on the refined masks M (paper Sec. 3, last step; supplement Sec. 1).
+
+A U-Net (MONAI's ``UNet``) with one output channel (foreground logits) is trained with sigmoid +
+binary cross-entropy and Adam on (image, mask) pairs, for a fixed number of steps (paper: 12,000
+steps, batch 32, learning rate 1e-3, random 128x128 crops for training, centre crops for
+testing). Training runs in MONAI's ``SupervisedTrainer``; ``epoch_length = steps`` with one epoch,
+so ignite re-iterates the data loader as often as the step count needs.
+
+Evaluation protocol (centre-crop testing): predict on the centre crop of each test image and score
+against the centre crop of its ground truth, both cut by the same ``center_crop``, i.e.
+``predict_masks(net, images, crop)`` against ``center_crop(masks, crop)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SEGMENTATION_KEYS = ("image", "label")
+
+
+def segmentation_network(channels: tuple[int, ...] = (32, 64, 128, 256, 512), strides: tuple[int, ...] | None = None,
+                         num_res_units: int = 2, seed: int = 0) -> torch.nn.Module:
+    """Return a seeded 2D MONAI U-Net: 3 input channels (RGB in [0, 1]), 1 output channel (foreground logits).
+
+    ``strides`` defaults to 2 between every pair of levels; inputs must be multiples of their
+    product (``predict_masks`` pads whole images as needed). The toy world's 24-pixel crops take
+    e.g. ``channels=(16, 32, 64, 128), strides=(2, 2, 2)``.
+    """
+    from monai.networks.nets import UNet
+
+    channels = tuple(int(c) for c in channels)
+    if len(channels) < 2:
+        raise ValueError(f"channels must list at least two levels, got {channels}")
+    strides = tuple(int(s) for s in strides) if strides is not None else (2,) * (len(channels) - 1)
+    if len(strides) != len(channels) - 1:
+        raise ValueError(f"strides needs one entry per level transition ({len(channels) - 1}), got {strides}")
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's global RNG
+        torch.manual_seed(seed)
+        return UNet(spatial_dims=2, in_channels=3, out_channels=1, channels=channels, strides=strides,
+                    num_res_units=num_res_units)
+
+
+def total_stride(network: torch.nn.Module) -> int:
+    """Return the factor that input sizes must be multiples of (product of a MONAI U-Net's strides; else 1)."""
+    return int(math.prod(int(np.max(s)) for s in getattr(network, "strides", (1,))))
+
+
+def center_crop(x: torch.Tensor, crop: int) -> torch.Tensor:
+    """Return the central ``crop`` x ``crop`` window of the last two dimensions of ``x`` (images or masks)."""
+    from monai.transforms import CenterSpatialCrop
+    from monai.utils import convert_to_tensor
+
+    if x.shape[-2] < crop or x.shape[-1] < crop:
+        raise ValueError(f"crop {crop} exceeds the image size {tuple(x.shape[-2:])}; choose crop <= the shorter side")
+    flat = x.reshape(-1, *x.shape[-2:])  # (N, H, W): MONAI crops all spatial dims after the first
+    out = convert_to_tensor(CenterSpatialCrop((crop, crop))(flat), track_meta=False)
+    return out.reshape(*x.shape[:-2], crop, crop)
+
+
+def _check_pairs(images: torch.Tensor, masks: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor (N, 3, H, W) in [0, 1], got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    if masks.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"masks must have shape (N, H, W) = {(images.shape[0], *images.shape[2:])} to match the "
+                         f"images, got {tuple(masks.shape)}")
+    if masks.dtype != torch.bool and not ((masks == 0) | (masks == 1)).all():
+        raise ValueError("masks must be bool (or 0/1); threshold soft masks first")
+
+
+class SegmentationData(torch.utils.data.Dataset):
+    """Items {image (3, c, c) float, label (1, c, c) float 0/1} from in-memory images and masks.
+
+    Training (``train=True``): a random ``crop`` x ``crop`` window (MONAI ``RandSpatialCropd``;
+    optionally a random left-right flip, ``RandFlipd``) cut identically from image and mask.
+    Testing: the centre crop (``CenterSpatialCropd``), or the whole image when ``crop`` is None.
+    A training item is addressed as ``data[index]`` or ``data[(index, draw)]``: its crop is seeded by
+    ``(seed, index, draw)`` (``draw`` = 0 for a plain index), so the sampler decides which draw of
+    an image is served, which keeps a run reproducible and resumable.
+    """
+
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor, crop: int | None = None, train: bool = True,
+                 seed: int = 0, flip: bool = False):
+        from monai.transforms import CenterSpatialCropd, Compose, RandFlipd, RandSpatialCropd
+
+        _check_pairs(images, masks)
+        height, width = images.shape[-2:]
+        if crop is not None and not 0 < crop <= min(height, width):
+            raise ValueError(f"crop {crop} must lie in [1, {min(height, width)}] for images of {height}x{width}; "
+                             "pass a smaller crop (or None for whole images)")
+        self.images, self.masks = images, masks
+        self.crop, self.train, self.seed, self.flip = crop, bool(train), int(seed), bool(flip)
+        keys = list(SEGMENTATION_KEYS)
+        steps = []
+        if crop is not None:
+            roi = (int(crop), int(crop))
+            steps.append(RandSpatialCropd(keys, roi_size=roi, random_size=False) if train
+                         else CenterSpatialCropd(keys, roi_size=roi))
+        if train and flip:
+            steps.append(RandFlipd(keys, prob=0.5, spatial_axis=1))
+        self.transform = Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key) -> dict:
+        from monai.utils import convert_to_tensor
+
+        index, draw = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
+        item = {"image": self.images[index].float(), "label": self.masks[index][None].float()}
+        if self.train:
+            self.transform.set_random_state(seed=_seed(self.seed, index, draw))
+        out = self.transform(item)
+        return {k: convert_to_tensor(out[k], track_meta=False) for k in SEGMENTATION_KEYS}
+
+
+def _seed(*keys: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+class TrainingBatches(torch.utils.data.Sampler):
+    """Batch sampler of a fixed-length run: ``steps`` batches of ``(index, draw)`` keys, resumable at any step.
+
+    The run is a stream of epochs, each a permutation of the ``n`` images seeded by ``(seed, epoch)``;
+    batch k holds stream positions k·B … k·B + B − 1 (epochs join without a gap, so n need not be a
+    multiple of B), and an item's ``draw`` is its epoch. ``position`` (batches served) is the
+    ``state_dict``: a run resumed from a checkpoint continues exactly where it stopped.
+    """
+
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int = 0):
+        if n < 1 or batch_size < 1 or steps < 1:
+            raise ValueError(f"n, batch_size and steps must be >= 1, got {n}, {batch_size}, {steps}")
+        self.n, self.batch_size, self.steps, self.seed = int(n), int(batch_size), int(steps), int(seed)
+        self.position = 0
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+    def __len__(self) -> int:
+        return self.steps - self.position
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(_seed(self.seed, epoch))
+            self._perm = (epoch, torch.randperm(self.n, generator=gen))
+        return self._perm[1]
+
+    def __iter__(self):
+        while self.position < self.steps:
+            start = self.position * self.batch_size
+            keys = []
+            for p in range(start, start + self.batch_size):
+                epoch = p // self.n
+                keys.append((int(self._permutation(epoch)[p % self.n]), epoch))
+            self.position += 1
+            yield keys
+
+
+def segmentation_loader(data: SegmentationData, batch_size: int = 32, steps: int = 12000,
+                        seed: int = 0) -> torch.utils.data.DataLoader:
+    """Return the training loader: ``steps`` batches drawn by a resumable ``TrainingBatches`` sampler."""
+    return torch.utils.data.DataLoader(data, batch_sampler=TrainingBatches(len(data), batch_size, steps, seed))
+
+
+def segmentation_trainer(network: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, steps: int,
+                         device=None, handlers: list | None = None, progress: bool = True):
+    """Return MONAI's SupervisedTrainer for ``steps`` iterations of sigmoid + BCE on (image, label) batches.
+
+    ``loader`` yields {image, label} batches (``segmentation_loader``). ``handlers`` become the
+    ``train_handlers`` (a bundle passes ``@train#handlers`` here, so that ``--tracking mlflow`` can
+    add its handler); an ignite ProgressBar is appended when ``progress``.
+    """
+    from ignite.handlers import ProgressBar
+    from monai.engines import SupervisedTrainer
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = torch.device(device) if device is not None else next(network.parameters()).device
+    train_handlers = list(handlers or []) + ([ProgressBar(persist=True)] if progress else [])
+    return SupervisedTrainer(
+        device=device, max_epochs=1, epoch_length=int(steps), train_data_loader=loader, network=network,
+        optimizer=optimizer, loss_function=torch.nn.BCEWithLogitsLoss(), decollate=False,
+        train_handlers=train_handlers,
+    )
+
+
+def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int = 12000, batch_size: int = 32,
+                    lr: float = 1e-3, crop: int | None = 128, seed: int = 0, device=None, output_dir: str | None = None,
+                    handlers: list | None = None, network: torch.nn.Module | None = None, flip: bool = False,
+                    checkpoint_interval: int = 500, progress: bool = True) -> torch.nn.Module:
+    """Return the segmentation U-Net trained on (image, mask) pairs with random crops (supplement Sec. 1).
+
+    ``network`` defaults to ``segmentation_network(seed=seed)``. With ``output_dir``, checkpoints
+    (network, optimiser, trainer, sampler position) go to ``output_dir/checkpoints`` every
+    ``checkpoint_interval`` steps and at the end, the loss curve to ``output_dir/train_log.json``, and a
+    rerun with the same ``output_dir`` resumes from the latest checkpoint (a finished run is not
+    repeated).
+    """
+    from foba_core import engines
+
+    images, masks = torch.as_tensor(images), torch.as_tensor(masks)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                          else "cpu")
+    network = (network if network is not None else segmentation_network(seed=seed)).to(device)
+    stride = total_stride(network)
+    size = crop if crop is not None else min(images.shape[-2:])
+    if size % stride:
+        raise ValueError(f"training crops of {size} pixels are not a multiple of the network's total stride {stride}; "
+                         "choose a crop that is, or a network with fewer or smaller strides")
+    data = SegmentationData(images, masks, crop=crop, train=True, seed=seed, flip=flip)
+    loader = segmentation_loader(data, batch_size, steps, seed)
+    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
+    handlers = list(handlers or [])
+    checkpoint_dir = None
+    if output_dir is not None:
+        checkpoint_dir = os.path.join(output_dir, "checkpoints")
+        handlers += [
+            engines.ResumableCheckpointSaver(
+                save_dict={"network": network, "optimizer": optimizer, "sampler": loader.batch_sampler},
+                save_dir=checkpoint_dir, save_interval=checkpoint_interval, epoch_level=False, save_final=True,
+                final_filename="checkpoint_final_iteration.pt", n_saved=1),
+            engines.LossLog(os.path.join(output_dir, "train_log.json")),
+        ]
+    trainer = segmentation_trainer(network, optimizer, loader, steps, device=device, handlers=handlers,
+                                   progress=progress)
+    objects = {"network": network, "optimizer": optimizer, "sampler": loader.batch_sampler, "trainer": trainer}
+    if checkpoint_dir is not None and engines.resume(checkpoint_dir, objects):
+        if trainer.state.epoch_length != steps:
+            raise ValueError(f"the checkpoints in {checkpoint_dir} belong to a run of {trainer.state.epoch_length} "
+                             f"steps, not {steps}; pass steps={trainer.state.epoch_length} or a new output_dir")
+    if trainer.state.iteration < steps:
+        trainer.run()
+    return network.eval()
+
+
+@torch.no_grad()
+def segmentation_logits(network: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Return the network's foreground logits (N, H, W) for whole images, padded to its stride and cut back."""
+    was_training = network.training
+    network.eval()
+    device = next(network.parameters()).device
+    stride = total_stride(network)
+    height, width = images.shape[-2:]
+    pad_h, pad_w = -height % stride, -width % stride
+    out = []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device, torch.float32)  # (B, 3, H, W)
+            if pad_h or pad_w:
+                x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+            out.append(network(x)[:, 0, :height, :width].float().cpu())  # (B, H, W)
+    finally:
+        network.train(was_training)
+    return torch.cat(out)
+
+
+def predict_masks(network: torch.nn.Module, images: torch.Tensor, crop: int | None = None,
+                  batch_size: int = 64) -> torch.Tensor:
+    """Return the predicted foreground masks, sigmoid > 0.5 (bool (N, H, W); (N, crop, crop) with ``crop``).
+
+    With ``crop`` the network sees only the centre crop of each image (the paper's centre-crop
+    testing); score the result against ``center_crop(ground_truth, crop)``.
+    """
+    images = torch.as_tensor(images)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+    if crop is not None:
+        images = center_crop(images, crop)
+    return segmentation_logits(network, images, batch_size) > 0  # sigmoid(logit) > 0.5  <=>  logit > 0

@@ -1,0 +1,99 @@
+"""FID: TorchScript feature networks (Inception's call convention, the toy network), distances, object score."""
+
+import pytest
+import torch
+
+from foba_core.fid import (FID_LABEL_TOY, INCEPTION_URL, ToyFeatureNet, extract_features, fid, fid_label,
+                           load_feature_network, object_score, train_toy_feature_network)
+from foba_core.toy.world import ToyWorld
+
+
+class InceptionLike(torch.nn.Module):
+    """Stands in for inception-2015-12-05.pt: uint8 (N, 3, H, W) in, 2048 features out, any image size."""
+
+    def __init__(self, dim: int = 2048):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(6, dim)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if img.dtype != torch.uint8:
+            raise ValueError("expected uint8 images")
+        x = img.float() / 128 - 1
+        features = self.proj(torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1))  # (N, dim)
+        return features if return_features else features[:, :2]
+
+
+def scripted_toy_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.jit.script(ToyFeatureNet(["circle", "square", "background"], width=8, feature_dim=16).eval())
+
+
+def test_toy_feature_network_round_trip(tmp_path):
+    world = ToyWorld("train", size=40, seed=0)
+    out = tmp_path / "features" / "toy_features.pt"
+    net = train_toy_feature_network(world, steps=3, seed=0, out_path=out, batch_size=14, width=8, feature_dim=16)
+    loaded = load_feature_network(out)
+    images = torch.stack([world[i]["image"] for i in range(6)])
+    assert extract_features(loaded, images).shape == (6, 16)
+    torch.testing.assert_close(extract_features(loaded, images), extract_features(net, images))
+    assert list(loaded.classes) == [*world.classes, "background"]
+    assert fid_label(loaded) == FID_LABEL_TOY and "not Inception" in FID_LABEL_TOY
+    again = train_toy_feature_network(world, steps=3, seed=0, batch_size=14, width=8, feature_dim=16)
+    torch.testing.assert_close(extract_features(again, images), extract_features(net, images))  # seeded
+    assert [p.name for p in out.parent.iterdir()] == ["toy_features.pt"]  # atomic write leaves no temp file
+
+
+def test_inception_calling_convention(tmp_path):
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(InceptionLike()), str(path))
+    net = load_feature_network(path)
+    images = torch.rand(5, 3, 20, 24)
+    features = extract_features(net, images, batch_size=2)  # floats in [0, 1] are sent as uint8
+    assert features.shape == (5, 2048) and features.dtype == torch.float64
+    torch.testing.assert_close(features, extract_features(net, (images * 255).round().to(torch.uint8)))
+    gray = extract_features(net, images[:, :1])  # grayscale is replicated to RGB
+    torch.testing.assert_close(gray, extract_features(net, images[:, :1].expand(-1, 3, -1, -1)))
+    assert fid_label(net) == "FID"
+
+
+def test_missing_or_unusable_feature_networks_are_named(tmp_path):
+    missing = tmp_path / "inception-2015-12-05.pt"
+    with pytest.raises(FileNotFoundError) as err:
+        load_feature_network(missing)
+    message = str(err.value)
+    assert str(missing) in message and INCEPTION_URL in message and "nothing is downloaded" in message
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match="garbage.pt is not a TorchScript file"):
+        load_feature_network(garbage)
+    wrong_call = tmp_path / "linear.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), str(wrong_call))
+    with pytest.raises(ValueError, match="return_features=True"):
+        load_feature_network(wrong_call)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    net = torch.jit.script(InceptionLike(dim=8))  # features: linear in per-channel mean and spread
+    images = torch.stack([ToyWorld("val", size=48, seed=1)[i]["image"] for i in range(48)])
+    assert abs(fid(net, images, images)) < 1e-6
+    shifted = [fid(net, images, (images + s).clamp(0, 1)) for s in (0.05, 0.15, 0.3)]
+    assert 0 < shifted[0] < shifted[1] < shifted[2]
+    other = torch.stack([ToyWorld("test", size=48, seed=1)[i]["image"] for i in range(48)])
+    assert fid(net, images, other) < shifted[2]  # another sample of the same world is closer than a strong shift
+
+
+def test_object_score_is_one_minus_the_background_probability():
+    net = scripted_toy_net()
+    images = torch.rand(4, 3, 32, 32)
+    score = object_score(net, images)
+    probs = net(torch.round(images * 255).to(torch.uint8)).softmax(-1)
+    torch.testing.assert_close(score, 1 - probs[:, 2])
+    with torch.no_grad():
+        net.head.bias[2] = 50.0  # certain "background"
+    assert object_score(net, images).max() < 1e-6
+    with torch.no_grad():
+        net.head.bias[2] = -50.0
+    assert object_score(net, images).min() > 1 - 1e-6
+    with pytest.raises(ValueError, match="'background' class"):
+        object_score(torch.jit.script(InceptionLike()), images)

@@ -1,0 +1,110 @@
+"""Segmentation U-Net: crops, training on a trivial mask data set, exact resume, whole-image prediction."""
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from foba_core.metrics import foreground_iou
+from foba_core.segment import (SegmentationData, TrainingBatches, center_crop, predict_masks, segmentation_network,
+                               train_segmenter)
+
+
+def squares(n=32, size=16, side=6, seed=0):
+    """Dim noise images with one bright square each, and the square's mask."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=gen) * 0.3
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    for i in range(n):
+        y, x = torch.randint(0, size - side, (2,), generator=gen).tolist()
+        masks[i, y:y + side, x:x + side] = True
+    return images + 0.6 * masks[:, None], masks
+
+
+def small_net(seed=0):
+    return segmentation_network(channels=(8, 16, 32), strides=(2, 2), num_res_units=1, seed=seed)
+
+
+def test_training_crops_cut_image_and_mask_together():
+    images, masks = squares(4, size=20)
+    images[:, 0] = masks.float()  # channel 0 repeats the mask, so a crop can be checked against its label
+    data = SegmentationData(images, masks, crop=12, train=True, seed=0)
+    first = data[(1, 0)]
+    assert first["image"].shape == (3, 12, 12) and first["label"].shape == (1, 12, 12)
+    assert type(first["image"]) is torch.Tensor  # plain tensors, not MONAI MetaTensors
+    assert torch.equal(first["image"][0], first["label"][0])
+    draws = [data[(1, d)]["image"] for d in range(6)]
+    assert any(not torch.equal(draws[0], x) for x in draws[1:])  # another draw, another window
+    assert torch.equal(data[(1, 3)]["image"], SegmentationData(images, masks, 12, True, seed=0)[(1, 3)]["image"])
+    reseeded = SegmentationData(images, masks, 12, True, seed=1)
+    assert not all(torch.equal(data[(1, d)]["image"], reseeded[(1, d)]["image"]) for d in range(6))
+
+
+def test_test_crops_are_central_and_whole_images_pass_unchanged():
+    images, masks = squares(3, size=20)
+    centre = SegmentationData(images, masks, crop=12, train=False)[2]
+    assert torch.equal(centre["image"], images[2, :, 4:16, 4:16])
+    assert torch.equal(centre["label"][0].bool(), center_crop(masks, 12)[2])
+    assert torch.equal(center_crop(masks, 12), masks[:, 4:16, 4:16])
+    whole = SegmentationData(images, masks, crop=None, train=False)[0]
+    assert torch.equal(whole["image"], images[0])
+    with pytest.raises(ValueError, match="crop 24"):
+        SegmentationData(images, masks, crop=24)
+    with pytest.raises(ValueError, match="masks must have shape"):
+        SegmentationData(images, masks[:, :10])
+
+
+def test_training_batches_visit_every_image_once_per_epoch():
+    sampler = TrainingBatches(n=5, batch_size=3, steps=5, seed=0)
+    keys = [k for batch in sampler for k in batch]  # 15 keys = 3 epochs of 5 images
+    assert len(keys) == 15 and len(sampler) == 0
+    for epoch in range(3):
+        assert sorted(i for i, d in keys[5 * epoch:5 * epoch + 5]) == list(range(5))
+        assert {d for _, d in keys[5 * epoch:5 * epoch + 5]} == {epoch}
+    resumed = TrainingBatches(n=5, batch_size=3, steps=5, seed=0)
+    resumed.load_state_dict({"position": 2})
+    assert [k for batch in resumed for k in batch] == keys[6:]
+
+
+def test_segmenter_learns_a_trivial_mask_data_set():
+    images, masks = squares(32, seed=0)
+    net = train_segmenter(images, masks, steps=70, batch_size=12, lr=3e-3, crop=12, device="cpu", network=small_net(),
+                          progress=False)
+    test_images, test_masks = squares(16, seed=1)
+    pred = predict_masks(net, test_images, crop=12)  # the paper's centre-crop testing
+    assert pred.dtype == torch.bool and pred.shape == (16, 12, 12)
+    assert foreground_iou(pred, center_crop(test_masks, 12)) > 0.8
+    untrained = predict_masks(small_net(), test_images, crop=12)
+    assert foreground_iou(untrained, center_crop(test_masks, 12)) < 0.5
+
+
+def test_interrupted_training_resumes_exactly(tmp_path):
+    images, masks = squares(20)
+    kwargs = dict(steps=6, batch_size=8, crop=12, seed=5, device="cpu", checkpoint_interval=3, progress=False)
+    full = train_segmenter(images, masks, network=small_net(3), output_dir=str(tmp_path / "full"), **kwargs)
+
+    class StopAt3:
+        def attach(self, engine):
+            engine.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: e.terminate())
+
+    part = train_segmenter(images, masks, network=small_net(3), output_dir=str(tmp_path / "part"),
+                           handlers=[StopAt3()], **kwargs)
+    assert (tmp_path / "part" / "checkpoints" / "checkpoint_iteration=3.pt").is_file()
+    assert not all(torch.equal(p, q) for p, q in zip(full.parameters(), part.parameters()))
+    resumed = train_segmenter(images, masks, network=small_net(3), output_dir=str(tmp_path / "part"), **kwargs)
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    assert (tmp_path / "part" / "train_log.json").is_file()
+    with pytest.raises(ValueError, match="run of 6 steps, not 9"):
+        train_segmenter(images, masks, network=small_net(3), output_dir=str(tmp_path / "part"),
+                        **{**kwargs, "steps": 9})
+
+
+def test_predict_masks_handles_sizes_off_the_network_stride():
+    net = small_net()
+    images = torch.rand(3, 3, 18, 14)
+    pred = predict_masks(net, images, batch_size=2)
+    assert pred.shape == (3, 18, 14) and pred.dtype == torch.bool
+    assert net.training  # the caller's mode is restored
+    with pytest.raises(ValueError, match="multiple of the network's total stride 4"):
+        train_segmenter(images, torch.zeros(3, 18, 14, dtype=torch.bool), steps=1, crop=10, network=net,
+                        device="cpu", progress=False)
