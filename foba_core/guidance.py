@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 import torch
 
-from foba_core.models import encode_prompts
+from foba_core.models import encode_prompts, make_scheduler
 from foba_core.toy.world import BACKGROUND_PROMPT
 from foba_core.visualize import save_grid, to_uint8
 
@@ -55,16 +55,6 @@ def guided_noise(unet, z_t: torch.Tensor, t, hidden_f: torch.Tensor, hidden_b: t
         w = w.to(eps).view(b, *([1] * (eps.ndim - 1)))
     return w * eps_f - (w - 1) * eps_b  # supplement Eq. 4
 
-
-def make_scheduler(pipe, scheduler="DDIMScheduler"):
-    """Return a fresh diffusers scheduler by class name (or a copy of an instance) on the pipeline's noise schedule."""
-    from monai.utils import look_up_option
-
-    if not isinstance(scheduler, str):
-        return type(scheduler).from_config(scheduler.config)
-    options = {cls.__name__: cls for cls in [type(pipe.scheduler), *pipe.scheduler.compatibles]}
-    cls = options[look_up_option(scheduler, sorted(options))]  # unknown names: error with the closest match
-    return cls.from_config(pipe.scheduler.config)
 
 
 def sample_seed(seed: int, index: int) -> int:

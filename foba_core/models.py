@@ -221,3 +221,14 @@ def save_pipeline(pipe, folder, extra: dict | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return folder
+
+
+def make_scheduler(pipe, scheduler="DDIMScheduler"):
+    """Return a fresh diffusers scheduler by class name (or a copy of an instance) on the pipeline's noise schedule."""
+    from monai.utils import look_up_option
+
+    if not isinstance(scheduler, str):
+        return type(scheduler).from_config(scheduler.config)
+    options = {cls.__name__: cls for cls in [type(pipe.scheduler), *pipe.scheduler.compatibles]}
+    cls = options[look_up_option(scheduler, sorted(options))]  # unknown names: error with the closest match
+    return cls.from_config(pipe.scheduler.config)

@@ -13,29 +13,12 @@ from __future__ import annotations
 import inspect
 
 import torch
-from monai.utils import look_up_option
 
 from foba_core.masks import flip_crop_inpaint, refined_mask, upsample_mask
-from foba_core.models import encode_prompts
+from foba_core.models import encode_prompts, make_scheduler
 from foba_core.preliminary import encode_latents
 from foba_core.toy.world import BACKGROUND_PROMPT
 
-
-def scheduler_names(pipe) -> tuple[str, ...]:
-    """Return the class names of the diffusers schedulers compatible with the pipeline's scheduler."""
-    own = pipe.scheduler
-    return tuple(dict.fromkeys([type(own).__name__, *(c.__name__ for c in own.compatibles)]))
-
-
-def make_scheduler(pipe, scheduler: str = "DDIMScheduler"):
-    """Return a fresh sampler of class ``scheduler`` (one of ``scheduler_names``) built from the model's config."""
-    import diffusers
-
-    if not isinstance(scheduler, str):
-        raise TypeError(f"scheduler must be a diffusers scheduler class name such as 'DDIMScheduler', "
-                        f"got {scheduler!r}")
-    name = look_up_option(scheduler, scheduler_names(pipe))
-    return getattr(diffusers, name).from_config(pipe.scheduler.config)
 
 
 def _check_batch(pipe, z0: torch.Tensor, m_pre: torch.Tensor) -> None:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from foba_core.refine import crop_masks, inpaint_background, inpaint_latents, make_scheduler, refine_masks
+from foba_core.models import make_scheduler
+from foba_core.refine import crop_masks, inpaint_background, inpaint_latents, refine_masks
 
 SCHEDULERS = ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
 
