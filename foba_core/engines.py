@@ -39,10 +39,27 @@ def resume(checkpoint_dir: str, objects: dict) -> str | None:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file: say which
         raise RuntimeError(f"cannot read checkpoint {path}: {err}. Delete it to restart from the previous one.") from err
+    engines = [obj for obj in objects.values() if isinstance(obj, Engine)]
+    wanted = [(e.state.max_epochs, e.state.epoch_length) for e in engines]
     Checkpoint.load_objects(to_load=objects, checkpoint=state)
+    for engine, (max_epochs, epoch_length) in zip(engines, wanted):
+        _extend(engine, max_epochs, epoch_length)
     log.info("resumed from %s", path)
-    print(f"resumed from {path}", flush=True)
+    print(f"resumed from {path} at iteration {engines[0].state.iteration if engines else '?'}", flush=True)
     return path
+
+
+def _extend(engine: Engine, max_epochs: int | None, epoch_length: int | None) -> None:
+    """Let a finished run continue when more iterations are asked for now (a larger max_steps) than it had then.
+
+    ignite would otherwise start a finished run over from iteration 0.
+    """
+    s = engine.state
+    if not (max_epochs and epoch_length and s.epoch_length):
+        return
+    if s.iteration >= s.epoch_length * s.max_epochs and epoch_length * max_epochs > s.iteration:
+        s.max_epochs, s.epoch_length = max_epochs, epoch_length
+        s.epoch = s.iteration // epoch_length
 
 
 class ClipGradNorm:
