@@ -1,5 +1,7 @@
 """Segmentation U-Net: crops, training on a trivial mask data set, exact resume, whole-image prediction."""
 
+import json
+
 import pytest
 import torch
 from ignite.engine import Events
@@ -94,9 +96,13 @@ def test_interrupted_training_resumes_exactly(tmp_path):
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
     assert (tmp_path / "part" / "train_log.json").is_file()
-    with pytest.raises(ValueError, match="run of 6 steps, not 9"):
+    with pytest.raises(ValueError, match="run of 6 steps, not 4"):  # fewer steps than were run: refused
         train_segmenter(images, masks, network=small_net(3), output_dir=str(tmp_path / "part"),
-                        **{**kwargs, "steps": 9})
+                        **{**kwargs, "steps": 4})
+    longer = train_segmenter(images, masks, network=small_net(3), output_dir=str(tmp_path / "part"),
+                             **{**kwargs, "steps": 9})  # more steps: the finished run continues from step 6
+    assert json.loads((tmp_path / "part" / "train_log.json").read_text())["iterations"] == 9
+    assert not all(torch.equal(p, q) for p, q in zip(full.parameters(), longer.parameters()))
 
 
 def test_predict_masks_handles_sizes_off_the_network_stride():
