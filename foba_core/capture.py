@@ -26,17 +26,27 @@ def authors_timesteps(t0: int = 40, num_train_timesteps: int = 1000, inference_s
     return [1 + step * i for i in reversed(range(t0))]
 
 
+def span_token_indices(tokenizer, prompt: str, spans: list[tuple[int, int]]) -> list[int]:
+    """Return the sorted indices of ALL prompt sub-tokens overlapping any character span (start, end).
+
+    Special tokens (BOS, EOS, padding) cover no characters and are never returned; a span beyond the
+    truncation at ``tokenizer.model_max_length`` yields no index.
+    """
+    enc = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    return sorted({i for (s, e) in spans for i, (a, b) in enumerate(offsets) if b > a and a < e and b > s})
+
+
 def token_indices(tokenizer, prompt: str, words: list[str] | str) -> list[list[int]]:
     """Return, for each target word (or phrase), the indices of ALL its sub-tokens in the tokenised prompt."""
     words = [words] if isinstance(words, str) else list(words)
-    enc = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
     out = []
     for word in words:
         spans = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(word.strip())}(?!\w)", prompt, flags=re.IGNORECASE)]
-        idx = sorted({i for (s, e) in spans for i, (a, b) in enumerate(offsets) if b > a and a < e and b > s})
+        idx = span_token_indices(tokenizer, prompt, spans)
         if not idx:
-            tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"])
+            ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+            tokens = tokenizer.convert_ids_to_tokens(ids)
             raise ValueError(f"word {word!r} is not in the prompt {prompt!r} (or was truncated at "
                              f"{tokenizer.model_max_length} tokens); the prompt's tokens are {tokens}")
         out.append(idx)

@@ -2,22 +2,28 @@
 
 Runs as a MONAI ``Evaluator``: ``Stage1Step`` is its ``iteration_update`` (one batch of items ->
 heat maps and masks) and ``Stage1Writer`` a handler that scores, draws and writes the results, so
-progress bars, MLflow tracking and sharding come from the usual MONAI/ignite machinery.
+progress bars and MLflow tracking come from the usual MONAI/ignite machinery. Under torchrun
+(``bundles/foba_toy/configs/multi_gpu_masks.yaml``) each process takes a contiguous shard of the images
+and rank 0 gathers the results (``foba_core.distributed``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import zlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from foba_core.capture import authors_timesteps, heat_maps, token_indices, token_weights
+from foba_core.distributed import gather_to_rank0
 from foba_core.io import write_csv, write_json, write_torch
 from foba_core.masks import preliminary_masks, upsample_mask
-from foba_core.metrics import AUCAccumulator, SegmentationAccumulator
+from foba_core.metrics import accuracy, auc_roc, foreground_iou, mean_iou
 from foba_core.models import encode_prompts
 from foba_core.transforms import resize_center_crop
 from foba_core.visualize import heat_overlay, mask_overlay, save_grid, to_uint8
@@ -41,7 +47,8 @@ class Stage1Step:
 
     ``word`` is the object word whose tokens are captured (None: each item's ``label``); its prompt
     is the item's ``caption``. Images are resized (shortest side) and centre-cropped to the model's
-    resolution, ground-truth masks with nearest neighbour through exactly the same geometry.
+    resolution, ground-truth masks with nearest neighbour through exactly the same geometry. Each image's
+    q_sample noise is seeded by (``seed``, its id) (:func:`image_seed`).
     """
 
     def __init__(self, pipe, word: str | None = None, t0: int = 40, timesteps: list[int] | None = None,
@@ -62,30 +69,39 @@ class Stage1Step:
                 "ids": [str(it["id"]) for it in items]}
 
     def __call__(self, engine: Engine | None, items: list[dict]) -> dict:
+        if not items:  # the empty shard of a distributed run with fewer images than processes
+            return {"images": [], "masks": [], "prompts": [], "words": [], "ids": [], "heatmaps": [], "m_pre": []}
         batch = self.prepare(items)
         pipe = self.pipe
-        z0 = encode_latents(pipe, batch["images"])  # (B, C, h, w)
-        hidden, key_mask = encode_prompts(pipe, batch["prompts"], device=z0.device)
-        index_lists = [token_indices(pipe.tokenizer, p, [w]) for p, w in zip(batch["prompts"], batch["words"])]
-        weights = token_weights(index_lists, hidden.shape[1]).to(z0.device)
-        maps = heat_maps(pipe.unet, pipe.scheduler, z0, hidden.to(z0.dtype), weights, text_mask=key_mask,
-                         timesteps=self.timesteps, seed=self.seed + _batch_offset(engine, len(items)),
-                         budget_bytes=self.budget)
-        m_hat = maps.total[:, 0].float().cpu()  # (B, h, w): one target word per image
+        m_hat = []
+        for b, image_id in enumerate(batch["ids"]):
+            # One image at a time, its q_sample noise seeded by its id: M̂ of an image does not depend on the
+            # batch it came in, nor on how a distributed run sharded the data set.
+            z0 = encode_latents(pipe, batch["images"][b:b + 1])  # (1, C, h, w)
+            hidden, key_mask = encode_prompts(pipe, batch["prompts"][b:b + 1], device=z0.device)  # (1, L, D)
+            index_lists = [token_indices(pipe.tokenizer, batch["prompts"][b], [batch["words"][b]])]
+            weights = token_weights(index_lists, hidden.shape[1]).to(z0.device)  # (1, L, 1)
+            maps = heat_maps(pipe.unet, pipe.scheduler, z0, hidden.to(z0.dtype), weights, text_mask=key_mask,
+                             timesteps=self.timesteps, seed=image_seed(self.seed, image_id), budget_bytes=self.budget)
+            m_hat.append(maps.total[:, 0].float().cpu())  # (1, h, w): one target word per image
+        m_hat = torch.cat(m_hat)  # (B, h, w)
         m_pre = preliminary_masks(m_hat, random_state=self.seed, n_components=self.n_components)
         return {**batch, "heatmaps": m_hat, "m_pre": m_pre}
 
 
-def _batch_offset(engine: Engine | None, batch_size: int) -> int:
-    """A seed offset unique to the batch, so every image draws its own q_sample noise."""
-    return 0 if engine is None else (engine.state.iteration - 1) * batch_size * 7919
+def image_seed(seed: int, image_id: str) -> int:
+    """Return the q_sample noise seed of one image: a function of (seed, id) only, independent of batching and sharding."""
+    return (int(seed) * 1_000_003 + zlib.crc32(str(image_id).encode())) % 2**31
 
 
 class Stage1Writer:
     """Handler: scores M̂ (pixel AUC-ROC) and M_pre (ACC / IoU / mIoU) against ground truth and writes the outputs.
 
-    Writes ``stage1.pt`` (ids, M̂, M_pre), ``per_image.csv``, ``metrics.json`` (flat keys) and PNG
-    overlays (image | M̂ | M_pre | ground truth) into ``output_dir``; sets ``engine.state.metrics``.
+    Writes ``stage1.pt`` (ids, M̂, M_pre), ``per_image.csv``, ``metrics.json`` (flat keys, see
+    :func:`stage1_metrics`) and PNG overlays (image | M̂ | M_pre | ground truth) of the first
+    ``n_overlays`` images into ``output_dir``; sets ``engine.state.metrics``. In a torchrun run
+    (``multi_gpu_masks.yaml``) every process scores its shard and rank 0 gathers the per-image results in
+    dataset order and writes them: the same files as a single-process run.
     """
 
     def __init__(self, output_dir: str, n_overlays: int = 64, grid_rows: int = 16):
@@ -93,8 +109,7 @@ class Stage1Writer:
         self.reset()
 
     def reset(self) -> None:
-        self.ids, self.heatmaps, self.m_pre, self.rows, self.grid = [], [], [], [], []
-        self.auc, self.seg, self.scored = AUCAccumulator(), SegmentationAccumulator(), 0
+        self.records: list[dict] = []  # per image of this process: CSV row, M̂, M_pre, ground truth, overlay tiles
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.reset())
@@ -107,53 +122,70 @@ class Stage1Writer:
             image, heat, pre, gt = out["images"][i], out["heatmaps"][i], out["m_pre"][i], out["masks"][i]
             row = {"id": image_id, "prompt": out["prompts"][i], "word": out["words"][i]}
             if gt is not None:
-                heat_up = F.interpolate(heat[None, None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0]
-                pre_up = upsample_mask(pre, tuple(gt.shape))
-                self.auc.update(heat_up, gt, image_id=image_id)
-                self.seg.update(pre_up, gt)
-                self.scored += 1
-                row["auc_roc"] = float(self.auc.get_buffer()[-1])
+                heat_up, pre_up = _at_mask_size(heat, pre, gt)
+                row["auc_roc"] = auc_roc(heat_up, gt, image_id=image_id)
                 row.update(_scores(pre_up, gt))
-            self.rows.append(row)
-            self.ids.append(image_id)
-            self.heatmaps.append(heat)
-            self.m_pre.append(pre)
-            if len(self.ids) <= self.n_overlays:
+            tiles = None
+            if len(self.records) < self.n_overlays:  # a process's first images hold the run's first n_overlays
                 tiles = [to_uint8(image), heat_overlay(image, heat), mask_overlay(image, pre)]
                 if gt is not None:
                     tiles.append(mask_overlay(image, gt, colour=(40, 255, 40)))
-                save_grid([tiles], os.path.join(self.output_dir, "overlays", f"{image_id}.png"))
-                if len(self.grid) < self.grid_rows:
-                    self.grid.append(tiles)
-
-    def metrics(self) -> dict:
-        """Return the flat metrics: mean per-image AUC of M̂, pooled AUC, and M_pre's ACC / IoU / mIoU."""
-        if not self.scored:
-            return {"n_images": len(self.ids)}
-        auc, seg = self.auc.aggregate(), self.seg.aggregate()
-        return {
-            "auc_roc": auc["auc"], "auc_roc_pooled": auc["auc_pooled"], "auc_skipped": auc["skipped"],
-            "acc_pre": seg["acc"], "iou_pre": seg["iou"], "miou_pre": seg["miou"],
-            "acc_pre_per_image": seg["acc_per_image"], "iou_pre_per_image": seg["iou_per_image"],
-            "miou_pre_per_image": seg["miou_per_image"], "n_images": len(self.ids),
-        }
+            self.records.append({"row": row, "heat": heat, "m_pre": pre, "gt": gt, "tiles": tiles})
 
     def write(self, engine: Engine) -> None:
+        records = gather_to_rank0(self.records)  # every image of the run, in dataset order, on rank 0
+        if records is None:
+            return  # rank 0 writes
         os.makedirs(self.output_dir, exist_ok=True)
-        metrics = self.metrics()
+        metrics = stage1_metrics(records)
         engine.state.metrics.update(metrics)
-        write_torch({"ids": self.ids, "heatmaps": torch.stack(self.heatmaps), "m_pre": torch.stack(self.m_pre)},
-                           os.path.join(self.output_dir, "stage1.pt"))
+        firsts = records[:self.n_overlays]
+        for rec in firsts:
+            save_grid([rec["tiles"]], os.path.join(self.output_dir, "overlays", f"{rec['row']['id']}.png"))
+        write_torch({"ids": [r["row"]["id"] for r in records], "heatmaps": torch.stack([r["heat"] for r in records]),
+                     "m_pre": torch.stack([r["m_pre"] for r in records])}, os.path.join(self.output_dir, "stage1.pt"))
         write_json(metrics, os.path.join(self.output_dir, "metrics.json"))
-        write_csv(self.rows, os.path.join(self.output_dir, "per_image.csv"))
-        if self.grid:
+        write_csv([r["row"] for r in records], os.path.join(self.output_dir, "per_image.csv"))
+        if firsts:
             titles = ["image", "heat map M^", "M_pre", "ground truth"]
-            save_grid(self.grid, os.path.join(self.output_dir, "overlays.png"), column_titles=titles)
+            save_grid([r["tiles"] for r in firsts[:self.grid_rows]], os.path.join(self.output_dir, "overlays.png"),
+                      column_titles=titles)
         print(json.dumps(metrics), flush=True)
 
 
-def _scores(pred: torch.Tensor, gt: torch.Tensor) -> dict:
-    from foba_core.metrics import accuracy, foreground_iou, mean_iou
+def stage1_metrics(records: list[dict]) -> dict:
+    """Return the flat stage-1 metrics: M̂'s mean per-image and pooled AUC-ROC, M_pre's pooled and per-image ACC / IoU / mIoU.
 
+    ``records`` are :class:`Stage1Writer`'s (CSV ``row`` with per-image scores, ``heat``, ``m_pre``, ``gt``);
+    pooled scores count every pixel of every image with ground truth, per-image AUCs skip one-class masks.
+    """
+    scored = [r for r in records if r["gt"] is not None]
+    if not scored:
+        return {"n_images": len(records)}
+    up = [_at_mask_size(r["heat"], r["m_pre"], r["gt"]) for r in scored]
+    heat = torch.cat([h.flatten() for h, _ in up])
+    pre, gt = torch.cat([p.flatten() for _, p in up]), torch.cat([r["gt"].flatten() for r in scored])
+    aucs = np.array([r["row"]["auc_roc"] for r in scored], dtype=float)
+    finite = aucs[~np.isnan(aucs)]
+
+    def per_image(key: str) -> float:
+        return float(np.mean([r["row"][key] for r in scored]))
+
+    return {
+        "auc_roc": float(finite.mean()) if finite.size else math.nan, "auc_roc_pooled": auc_roc(heat, gt),
+        "auc_skipped": int(aucs.size - finite.size),
+        "acc_pre": accuracy(pre, gt), "iou_pre": foreground_iou(pre, gt), "miou_pre": mean_iou(pre, gt),
+        "acc_pre_per_image": per_image("acc_pre"), "iou_pre_per_image": per_image("iou_pre"),
+        "miou_pre_per_image": per_image("miou_pre"), "n_images": len(records),
+    }
+
+
+def _at_mask_size(heat: torch.Tensor, m_pre: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """M̂ (bilinear) and M_pre (nearest) upsampled from latent resolution to the ground-truth mask's size."""
+    heat_up = F.interpolate(heat[None, None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0]
+    return heat_up, upsample_mask(m_pre, tuple(gt.shape))
+
+
+def _scores(pred: torch.Tensor, gt: torch.Tensor) -> dict:
     return {"acc_pre": accuracy(pred, gt), "iou_pre": foreground_iou(pred, gt), "miou_pre": mean_iou(pred, gt)}
 
