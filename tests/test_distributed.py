@@ -1,4 +1,4 @@
-"""Scaling out: shards, per-rank seeds, gathering to rank 0, DDP equivalence, and the multi_gpu_*.yaml bundles under torchrun.
+"""Scaling out: shards, per-rank seeds, gathering on rank 0, DDP equivalence, the multi_gpu_*.yaml bundles (torchrun).
 
 Two-process runs use the gloo backend on CPU: ``torch.multiprocessing.spawn`` for the helpers and one DDP step,
 ``torchrun`` (as the README says) for the bundles.
@@ -6,6 +6,7 @@ Two-process runs use the gloo backend on CPU: ``torch.multiprocessing.spawn`` fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,7 +94,8 @@ def test_reshuffling_sampler_shares_one_permutation_and_draws_a_new_one_each_pas
 
 def test_effective_batch_is_printed(capsys):
     assert distributed.effective_batch(16, 4) == 64
-    assert "effective batch 64 = batch 16 per process x 1 process(es) x 4 accumulation step(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "effective batch 64 = batch 16 per process x 1 process(es) x 4 accumulation step(s)" in out
 
 
 def test_stage1_metrics_equal_the_accumulators():
@@ -219,22 +221,32 @@ def _fixed_batch(n: int = 4):
     return z_t, target, mask, t, hidden, key_mask
 
 
-def _one_step(network, unet, rows: slice) -> None:
-    """One SupervisedTrainer step of ``network`` (plain SGD) on ``rows`` of the fixed batch."""
+def _train(network, unet, micro_batches: list[slice], accumulation_steps: int = 1) -> list[bool]:
+    """One optimiser step of ``network`` (plain SGD) over ``micro_batches`` of the fixed batch with MONAI's trainer.
+
+    Returns, per iteration, whether DDP all-reduced the gradients (SyncGradientsOnStep decides).
+    """
+    from ignite.engine import Events
     from monai.engines import SupervisedTrainer
 
     from foba_core.diffusion import noise_loss
 
-    z_t, target, mask, t, hidden, key_mask = (x[rows] for x in _fixed_batch())
+    batch = _fixed_batch()
 
-    def prepare_batch(batchdata, device=None, non_blocking=False, **kwargs):
+    def prepare_batch(index, device=None, non_blocking=False, **kwargs):
+        z_t, target, mask, t, hidden, key_mask = (x[micro_batches[index]] for x in batch)
         return z_t, (target, mask), (t, hidden), {"encoder_attention_mask": key_mask}
 
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, epoch_length=1, train_data_loader=[0], network=network,
+        device=torch.device("cpu"), max_epochs=1, epoch_length=len(micro_batches),
+        train_data_loader=list(range(len(micro_batches))), network=network,
         optimizer=torch.optim.SGD(unet.parameters(), lr=0.5), loss_function=noise_loss, prepare_batch=prepare_batch,
-        decollate=False)
+        decollate=False, accumulation_steps=accumulation_steps, train_handlers=[distributed.SyncGradientsOnStep()])
+    synced = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda e: synced.append(getattr(network, "require_backward_grad_sync", True)))
     trainer.run()
+    return synced
 
 
 def _ddp_worker(rank: int, folder: str) -> None:
@@ -243,36 +255,44 @@ def _ddp_worker(rank: int, folder: str) -> None:
     _join(rank, folder)
     try:
         unet = tiny_components(seed=0)["unet"]
-        ddp = torch.nn.parallel.DistributedDataParallel(unet)
-        _one_step(ddp, unet, slice(2 * rank, 2 * rank + 2))  # each rank holds half of the batch
-        torch.save(unet.state_dict(), os.path.join(folder, f"unet_{rank}.pt"))
+        assert _train(torch.nn.parallel.DistributedDataParallel(unet), unet, [slice(2 * rank, 2 * rank + 2)]) == [True]
+        torch.save(unet.state_dict(), os.path.join(folder, f"halves_{rank}.pt"))
+        unet = tiny_components(seed=0)["unet"]  # quarters, 2 accumulation steps: one all-reduce, at the second
+        quarters = [slice(2 * rank, 2 * rank + 1), slice(2 * rank + 1, 2 * rank + 2)]
+        synced = _train(torch.nn.parallel.DistributedDataParallel(unet), unet, quarters, accumulation_steps=2)
+        assert synced == [False, True]
+        torch.save(unet.state_dict(), os.path.join(folder, f"accumulated_{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path):
-    """Plain SGD without clipping: Adam's first step and a clipped gradient are invariant to the gradient's scale
-    and would hide a sum-instead-of-mean bug."""
+    """Also with 2 accumulation steps per rank and one all-reduce per optimiser step.
+
+    Plain SGD without clipping: Adam's first step and a clipped gradient are invariant to the gradient's scale
+    and would hide a sum-instead-of-mean bug.
+    """
     from tiny_sd import tiny_components
 
     _spawn(_ddp_worker, str(tmp_path))
     unet = tiny_components(seed=0)["unet"]
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    _one_step(unet, unet, slice(0, 4))
+    _train(unet, unet, [slice(0, 4)])
     single = unet.state_dict()
     moved = max((single[k] - before[k]).abs().max().item() for k in single)
     assert moved > 1e-3  # the step moved weights far more than the tolerance below
-    for rank in range(2):
-        ddp = torch.load(tmp_path / f"unet_{rank}.pt")
-        for key, value in single.items():
-            torch.testing.assert_close(ddp[key], value, rtol=0, atol=1e-5, msg=f"rank {rank}: {key}")
+    for name in ("halves", "accumulated"):
+        for rank in range(2):
+            ddp = torch.load(tmp_path / f"{name}_{rank}.pt")
+            for key, value in single.items():
+                torch.testing.assert_close(ddp[key], value, rtol=0, atol=1e-5, msg=f"{name}, rank {rank}: {key}")
 
 
 # ------------------------------------------------------------------ the bundles under torchrun
 
 
 def _torchrun(configs: list[str], cwd, *args: str, timeout: int = 300) -> str:
-    """Run ``torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run`` as the README does; return stdout."""
+    """Return the stdout of ``torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run`` (README)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
                "-m", "monai.bundle", "run", "--config_file", str(configs), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -280,6 +300,17 @@ def _torchrun(configs: list[str], cwd, *args: str, timeout: int = 300) -> str:
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done.stdout
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the single-process reference with the thread count the torchrun ranks use (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +331,8 @@ def test_sharded_stage1_bundle_writes_what_one_process_writes(tiny_sd_folder, tm
                 "n_overlays": 5}
     wf = ConfigWorkflow(config_file=masks, workflow_type="infer", output_dir=str(tmp_path / "single"), **settings)
     wf.initialize()
-    wf.run()
+    with one_thread():
+        wf.run()
     args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in settings.items()]
     _torchrun([masks, os.path.join(TOY, "multi_gpu_masks.yaml")], tmp_path, *args,
               f"--output_dir={tmp_path / 'sharded'}")
@@ -330,7 +362,8 @@ def test_sharded_ms_cxr_evaluation_writes_what_one_process_writes(tiny_sd_folder
                 "batch_size": 2, "n_overlays": 1}
     wf = ConfigWorkflow(config_file=evaluate, workflow_type="infer", output_dir=str(tmp_path / "single"), **settings)
     wf.initialize()
-    wf.run()
+    with one_thread():
+        wf.run()
     args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in settings.items()]
     _torchrun([evaluate, os.path.join(CXR, "multi_gpu_evaluate.yaml")], tmp_path, *args,
               f"--output_dir={tmp_path / 'sharded'}")
@@ -339,12 +372,13 @@ def test_sharded_ms_cxr_evaluation_writes_what_one_process_writes(tiny_sd_folder
     overlays = sorted(os.listdir(tmp_path / "single" / "overlays"))
     assert overlays and sorted(os.listdir(tmp_path / "sharded" / "overlays")) == overlays
     for name in overlays:  # the same first image of each disease
-        assert (tmp_path / "sharded" / "overlays" / name).read_bytes() == (tmp_path / "single" / "overlays" / name).read_bytes()
+        single, sharded = (tmp_path / kind / "overlays" / name for kind in ("single", "sharded"))
+        assert sharded.read_bytes() == single.read_bytes()
 
 
 @pytest.fixture(scope="module")
 def cxr_two_process_run(tiny_sd_folder, phantom, tmp_path_factory):
-    """A 2-process MIMIC-CXR fine-tuning of 2 steps with MLflow (phantom world, tiny SD); returns (folder, args, stdout)."""
+    """A 2-process MIMIC-CXR fine-tuning, 2 steps, with MLflow (phantom, tiny SD); returns (folder, args, stdout)."""
     root = tmp_path_factory.mktemp("cxr_ddp")
     args = [f"--pretrained={tiny_sd_folder}", f"--mimic_dir={phantom}", "--batch_size=2", "--warmup_steps=1",
             "--checkpoint_interval=1", "--tracking=mlflow"]
