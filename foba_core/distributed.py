@@ -5,8 +5,9 @@ these helpers: join the process group in ``initialize`` (:func:`init_process_gro
 on CPU) and leave it in ``finalize`` (:func:`destroy_process_group`); derive one seed per process
 (:func:`rank_seed`); split inference data into contiguous shards (:class:`ShardBatches`) whose results
 rank 0 gathers back into dataset order (:func:`gather_to_rank0`); split a training stream
-(:class:`StreamShard`) or a shuffled data set (:class:`ReshufflingSampler`) between the processes; print
-the effective batch (:func:`effective_batch`). Without ``torchrun`` every helper behaves as rank 0 of 1.
+(:class:`StreamShard`) or a shuffled data set (:class:`ReshufflingSampler`) between the processes; skip the
+gradient all-reduce inside accumulation windows (:class:`SyncGradientsOnStep`); print the effective batch
+(:func:`effective_batch`). Without ``torchrun`` every helper behaves as rank 0 of 1.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from ignite.engine import Engine, Events
 from monai.data import DistributedSampler
 
 
@@ -42,7 +44,7 @@ def is_rank0() -> bool:
 
 
 def local_device() -> torch.device:
-    """Return this process's device: ``cuda:LOCAL_RANK`` (set by torchrun; 0 otherwise) when CUDA is available, else CPU."""
+    """Return this process's device: ``cuda:LOCAL_RANK`` (torchrun sets it; 0 otherwise) with CUDA, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -212,3 +214,23 @@ class ReshufflingSampler(DistributedSampler):
             return super().__iter__()  # the indices are drawn here, not lazily
         finally:
             self.epoch, self.passes = epoch, self.passes + 1
+
+
+class SyncGradientsOnStep:
+    """Handler: with gradient accumulation, DDP all-reduces gradients only in the backward pass of an optimiser step.
+
+    The other micro-batches of an accumulation window keep their gradients local (what
+    ``DistributedDataParallel.no_sync`` does), so K accumulation steps cost one all-reduce instead of K; the
+    optimiser steps see the same averaged gradients. Without DDP or accumulation it does nothing.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        network, acc = getattr(engine, "network", None), getattr(engine, "accumulation_steps", 1)
+        if not isinstance(network, torch.nn.parallel.DistributedDataParallel) or acc == 1:
+            return
+        length = engine.state.epoch_length  # when SupervisedTrainer steps the optimiser: its own rule
+        local = engine.state.iteration - 1 if length is None else (engine.state.iteration - 1) % length
+        network.require_backward_grad_sync = (local + 1) % acc == 0 or local + 1 == length  # read by DDP's forward

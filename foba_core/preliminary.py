@@ -90,7 +90,7 @@ class Stage1Step:
 
 
 def image_seed(seed: int, image_id: str) -> int:
-    """Return the q_sample noise seed of one image: a function of (seed, id) only, independent of batching and sharding."""
+    """Return the q_sample noise seed of one image: a function of (seed, id), independent of batching and sharding."""
     return (int(seed) * 1_000_003 + zlib.crc32(str(image_id).encode())) % 2**31
 
 
@@ -154,7 +154,7 @@ class Stage1Writer:
 
 
 def stage1_metrics(records: list[dict]) -> dict:
-    """Return the flat stage-1 metrics: M̂'s mean per-image and pooled AUC-ROC, M_pre's pooled and per-image ACC / IoU / mIoU.
+    """Return the flat stage-1 metrics: M̂'s per-image mean and pooled AUC-ROC, M_pre's ACC / IoU / mIoU (both ways).
 
     ``records`` are :class:`Stage1Writer`'s (CSV ``row`` with per-image scores, ``heat``, ``m_pre``, ``gt``);
     pooled scores count every pixel of every image with ground truth, per-image AUCs skip one-class masks.
