@@ -234,12 +234,11 @@ class CXREvalWriter:
     """Handler: scores each (image, finding), averages per disease and writes the outputs into ``output_dir``.
 
     Writes ``auc_per_disease.csv`` (category_name, n_images, auc_roc, auc_roc_std, iou_gmm2, iou_gmm3,
-    auc_centre_prior, counts;
-    a final ``mean`` row over the diseases), ``auc_per_disease.md`` (next to the paper's 79.6),
-    ``auc_per_token.csv``, ``per_image.csv`` and ``overlays/<disease>.png`` (image | M̂ | 2-GMM | 3-GMM, boxes
-    drawn) for ``n_overlays`` images per disease; sets ``engine.state.metrics`` (flat keys) for MLflow. Under
-    torchrun (``multi_gpu_evaluate.yaml``) each process scores its contiguous shard and rank 0 gathers the rows
-    and overlays in dataset order and writes them: the same files as a single-process run.
+    auc_centre_prior, counts; a final ``mean`` row over the diseases), ``auc_per_disease.md`` (next to the
+    paper's 79.6), ``auc_per_token.csv``, ``per_image.csv`` and ``overlays/<disease>.png`` (image | M̂ | 2-GMM |
+    3-GMM, boxes drawn) for ``n_overlays`` images per disease; sets ``engine.state.metrics`` (flat keys) for
+    MLflow. Under torchrun (``multi_gpu_evaluate.yaml``) each process scores its contiguous shard and rank 0
+    gathers the rows and overlays in dataset order and writes them: the same files as a single-process run.
     """
 
     def __init__(self, output_dir: str, missing: list[dict] | None = None, n_overlays: int = 4, seed: int = 0,
