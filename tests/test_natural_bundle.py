@@ -1,0 +1,160 @@
+"""The foba_natural bundle: its helpers, and the whole pipeline on a tiny random SD-layout model with tiny copies
+of CUB (pixel masks) and Stanford Dogs (boxes, two dogs in the test image) in their real on-disk layouts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pandas as pd
+import pytest
+import torch
+from test_data_readers import make_cub, make_dogs
+
+from foba_core.pipeline import (
+    FID_NOT_COMPUTED, METHODS, PAPER_TABLE3, ConceptDistillation, box_masks, box_scores, collect_table3, ground_truth,
+    open_images, write_table3,
+)
+
+BUNDLE = os.path.join(os.path.dirname(__file__), "..", "bundles", "foba_natural", "configs")
+
+
+def test_open_images_takes_a_fixed_random_subset_of_a_real_split(tmp_path):
+    make_dogs(tmp_path)
+    full = open_images("dogs", tmp_path, "all")
+    assert len(full) == 3
+    two, again = open_images("dogs", tmp_path, "all", 2), open_images("dogs", tmp_path, "all", 2)
+    ids = [two[i]["id"] for i in range(2)]
+    assert ids == [again[i]["id"] for i in range(2)]  # independent of any run seed
+    assert ids == sorted(ids, key=[full[i]["id"] for i in range(3)].index)  # kept in the dataset's order
+    assert len(open_images("dogs", tmp_path, "all", 1)) == 1 and len(open_images("dogs", tmp_path, "all", 9)) == 3
+    assert len(open_images("toy", None, "test", 3)) == 3
+    with pytest.raises(ValueError, match="number of images"):
+        open_images("toy", None, "test")
+
+
+def test_ground_truth_maps_boxes_and_masks_through_the_model_geometry(tmp_path):
+    make_dogs(tmp_path)
+    truth = ground_truth(open_images("dogs", tmp_path, "test"), size=15, masks=False)
+    # 40x30 -> 20x15, the centre crop starts at x = 2: both dogs are halved, shifted and clipped to the crop
+    assert truth["ids"] == ["n02085620_9"] and truth["masks"] is None
+    assert truth["boxes"][0].tolist() == [[0, 1, 5, 14], [10, 2, 15, 11]]
+    cropped = ground_truth(open_images("dogs", tmp_path, "test"), size=4, masks=False)  # 5x4 -> the crop keeps x 0..4
+    assert all(((b[:, 2:] > b[:, :2]).all() for b in cropped["boxes"]))  # boxes cut to nothing are dropped
+    make_cub(tmp_path)
+    cub = ground_truth(open_images("cub", tmp_path, "train"), size=15, masks=True)
+    assert cub["masks"].shape == (2, 15, 15) and cub["masks"].dtype == torch.bool
+    for mask, box in zip(cub["masks"], cub["boxes"]):  # the bird's mask lies inside its box
+        x1, y1, x2, y2 = box[0].tolist()
+        assert mask.any() and not mask[:y1].any() and not mask[y2:].any()
+        assert not mask[:, :x1].any() and not mask[:, x2:].any()
+
+
+def test_box_masks_and_box_scores_use_the_union_of_several_objects():
+    boxes = [torch.tensor([[1, 1, 3, 3], [5, 4, 7, 8]]), torch.zeros(0, 4, dtype=torch.int64)]
+    masks = box_masks(boxes, 8)
+    assert masks[0].sum() == 4 + 8 and not masks[1].any()
+    pred = torch.zeros(2, 8, 8, dtype=torch.bool)
+    pred[0, 1:8, 1:7] = True  # exactly the box enclosing both objects
+    scores = box_scores(pred, boxes)  # the image without a box is skipped
+    assert scores["box_iou"] == pytest.approx(100.0)
+    assert scores["box_iou_best"] == pytest.approx(100 * 8 / 42)
+
+
+def test_table3_has_the_papers_shape_and_merges_runs(tmp_path):
+    row = {"dataset": "dogs", "fid": FID_NOT_COMPUTED, "iou": 61.25, "paper_fid": 43.1, "paper_iou": 63.8,
+           "iou_kind": "box IoU", "fid_features": "", "fid_samples": 8, "n_train": 4, "n_test": 2}
+    write_table3([row], tmp_path / "dogs")
+    md = (tmp_path / "dogs" / "table3.md").read_text()
+    assert "| Ours (paper, SD v1.4) | 9.8 | 75.1 | 43.1 | 63.8 | 13.4 | 55.2 | 63.7 | 69.2 |" in md
+    assert f"| this implementation | – | – | {FID_NOT_COMPUTED} | 61.2 | – | – | – | – |" in md
+    write_table3([{**row, "dataset": "cub", "fid": 12.345, "iou": 70.0}], tmp_path / "cub")
+    rows = collect_table3([str(tmp_path / "cub"), str(tmp_path / "dogs")], str(tmp_path))
+    assert [r["dataset"] for r in rows] == ["cub", "dogs"]
+    assert "| this implementation | 12.3 | 70.0 |" in (tmp_path / "table3.md").read_text()
+    with pytest.raises(ValueError, match="same dataset"):
+        collect_table3([str(tmp_path / "cub"), str(tmp_path / "cub")], str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pipeline.yaml"):
+        collect_table3([str(tmp_path / "cars")], str(tmp_path))
+
+
+def test_pipeline_refuses_missing_or_mismatched_inputs(tmp_path):
+    with pytest.raises(ValueError, match="--pretrained"):
+        ConceptDistillation(tmp_path, pretrained=None, dataset="cub", dataset_dir=tmp_path, fid_network=None)
+    with pytest.raises(ValueError, match="--dataset_dir"):
+        ConceptDistillation(tmp_path, pretrained="x", dataset="cars", fid_network=None)
+    with pytest.raises(ValueError, match="--fid_network"):
+        ConceptDistillation(tmp_path, pretrained="x", dataset="cub", dataset_dir=tmp_path)
+    with pytest.raises(ValueError, match="Did you mean 'dogs'"):
+        ConceptDistillation(tmp_path, pretrained="x", dataset="dog", dataset_dir=tmp_path, fid_network=None)
+
+
+TINY = dict(  # every stage, at the size of the tiny model (16 px images, 8x8 latents) and a few steps each
+    t0=4, finetune_steps=2, finetune_batch_size=2, inference_steps=2, segment_steps=2, segment_batch_size=2,
+    segment_crop=8, segment_size=8, segment_channels=[8, 16], n_synthetic=2, fid_samples=2, n_backgrounds=2,
+    stage1_batch_size=2, refine_batch_size=2, sample_batch_size=2, chunk_size=1, device="cpu",
+    gradient_checkpointing=True,
+)
+
+
+def _run(**overrides) -> None:
+    from monai.bundle import run
+
+    run(config_file=os.path.join(BUNDLE, "pipeline.yaml"), **TINY, **overrides)
+
+
+@pytest.mark.slow
+def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path):
+    from tiny_sd import save_tiny_sd
+
+    from foba_core.fid import ToyFeatureNet
+
+    save_tiny_sd(tmp_path / "sd")
+    torch.jit.save(torch.jit.script(ToyFeatureNet(["bird", "background"], image_size=16).eval()), tmp_path / "net.pt")
+    make_cub(tmp_path / "cub")
+    make_dogs(tmp_path / "dogs")
+
+    cub = tmp_path / "runs" / "cub"
+    _run(dataset="cub", dataset_dir=str(tmp_path / "cub"), pretrained=str(tmp_path / "sd"), output_dir=str(cub),
+         fid_network=str(tmp_path / "net.pt"))
+    results = pd.read_csv(cub / "results.csv")
+    assert list(results.columns) == ["method", "acc", "iou", "miou"] and tuple(results["method"]) == METHODS
+    assert results[["acc", "iou", "miou"]].apply(lambda c: c.between(0, 100)).all().all()
+    table = pd.read_csv(cub / "table3.csv")
+    assert len(table) == 1 and table.loc[0, "dataset"] == "cub" and table.loc[0, "iou_kind"] == "pixel IoU"
+    assert (table.loc[0, "paper_fid"], table.loc[0, "paper_iou"]) == PAPER_TABLE3["cub"]
+    assert table.loc[0, "iou"] == pytest.approx(results.set_index("method").loc["unet_M", "iou"])
+    assert math.isfinite(float(table.loc[0, "fid"])) and (table.loc[0, "n_train"], table.loc[0, "n_test"]) == (2, 1)
+    stage1 = torch.load(cub / "stage1_train" / "stage1.pt", weights_only=False)
+    assert stage1["m_pre"].shape == (2, 8, 8)  # images were resized to the model's 16 px before stage 1
+    finetuned = json.loads((cub / "finetune" / "model" / "foba.json").read_text())
+    assert finetuned["finetune"]["training"]["iterations"] == 2
+    assert len(os.listdir(cub / "stages" / "refine_train")) == 2  # one cached chunk per image (chunk_size 1)
+    for picture in ("mask_grid.png", "backgrounds.png", "guidance_strip.png", "table3.md", "results.md"):
+        assert (cub / picture).is_file()
+
+    model_time = os.path.getmtime(cub / "finetune" / "model" / "model_index.json")
+    _run(dataset="cub", dataset_dir=str(tmp_path / "cub"), pretrained=str(tmp_path / "sd"), output_dir=str(cub),
+         fid_network=str(tmp_path / "net.pt"))  # a rerun resumes: every stage is read back, nothing recomputed
+    assert json.loads((cub / "timings.json").read_text())["timings"] == {}
+    assert os.path.getmtime(cub / "finetune" / "model" / "model_index.json") == model_time
+    assert pd.read_csv(cub / "results.csv").equals(results)
+
+    dogs = tmp_path / "runs" / "dogs"
+    _run(dataset="dogs", dataset_dir=str(tmp_path / "dogs"), pretrained=str(tmp_path / "sd"), output_dir=str(dogs),
+         max_images=2, amp=True)  # autocast is CUDA-only: on the CPU the option must leave training intact
+    results = pd.read_csv(dogs / "results.csv")
+    assert list(results.columns) == ["method", "box_iou", "box_iou_best"] and tuple(results["method"]) == METHODS
+    assert (results["box_iou"].between(0, 100) & results["box_iou_best"].between(0, 100)).all()
+    table = pd.read_csv(dogs / "table3.csv", keep_default_na=False)
+    assert table.loc[0, "fid"] == FID_NOT_COMPUTED and table.loc[0, "iou_kind"].startswith("box IoU")
+    assert (table.loc[0, "n_train"], table.loc[0, "n_test"]) == (2, 1)  # max_images 2 of the 2 + 1 images
+    assert pd.read_csv(dogs / "fid.csv", keep_default_na=False)["fid"].tolist() == [FID_NOT_COMPUTED]
+
+    from monai.bundle import run
+
+    run(config_file=os.path.join(BUNDLE, "table3.yaml"), runs=[str(cub), str(dogs)], output_dir=str(tmp_path))
+    merged = pd.read_csv(tmp_path / "table3.csv", keep_default_na=False)
+    assert merged["dataset"].tolist() == ["cub", "dogs"]
+    assert "Stanford Dogs FID ↓" in (tmp_path / "table3.md").read_text()
