@@ -160,6 +160,33 @@ def box_iou_best(pred_box, gt_boxes) -> float:
     return float(_pairwise_box_iou(_one_box(pred_box, "pred_box"), gt).max())
 
 
+def _pred_box(pred) -> torch.Tensor | None:
+    """The predicted box of ``pred``: the bounding box of a mask (H, W), or a box given as (4,) or (1, 4)."""
+    if pred is None:
+        return None
+    a = _numpy(pred)
+    if a.dtype == bool or (a.ndim == 2 and a.shape != (1, 4)):  # a mask; a (1, 4) bool array too
+        return mask_to_box(a)
+    return _one_box(a, "pred")[0]
+
+
+def mask_box_iou(pred, gt_boxes) -> dict[str, float]:
+    """Return the box IoUs of one image (paper Table 3): ``pred`` is the predicted mask (H, W) (or its box), the
+    ground truth is ``gt_boxes`` (N, 4), x1 y1 x2 y2 with exclusive end, N >= 1.
+
+    The predicted box is the bounding box of all foreground pixels of the mask (no component selection).
+    Several objects (e.g. two dogs): a foreground mask covers every object at once, so ``box_iou`` compares the
+    predicted box with the box enclosing all N ground-truth boxes; ``box_iou_best`` is the IoU with the best-matching
+    single object, for reference. With one object both are the same. An empty prediction scores 0.
+    """
+    gt = _boxes(gt_boxes, "gt_boxes")
+    union = boxes_union(gt)
+    if union is None:
+        raise ValueError("mask_box_iou: the image has no ground-truth box")
+    box = _pred_box(pred)
+    return {"box_iou": box_iou(box, union), "box_iou_best": box_iou_best(box, gt)}
+
+
 def _images(x, name: str) -> np.ndarray:
     """A mask of shape (..., H, W) as (N, H, W): the leading dimensions enumerate images."""
     a = _as_mask(x, name)
@@ -251,27 +278,30 @@ class AUCAccumulator(Cumulative):
 
 
 class BoxIoUAccumulator(Cumulative):
-    """Accumulates box IoU of predicted masks against ground-truth boxes (paper Table 3).
+    """Accumulates box IoU of predicted masks against ground-truth boxes (paper Table 3), see :func:`mask_box_iou`.
 
-    With several ground-truth objects in an image the predicted box is compared with the union box
-    enclosing all of them (``box_iou``), because a foreground mask covers every object at once; the
-    best match over single objects is kept as well (``box_iou_best``). An empty prediction scores 0.
+    With several ground-truth objects in an image the predicted box (of the whole mask) is compared with the
+    box enclosing all of them (``box_iou``, the reported number), because a foreground mask covers every object
+    at once; the best match over single objects is kept as well (``box_iou_best``). An empty prediction
+    scores 0. ``aggregate`` averages over images and also counts the images with several objects.
     """
 
     def update(self, pred, gt_boxes) -> None:
-        """Add one image: a predicted mask (H, W) or box of shape (4,) (or None), and its boxes (N, 4)."""
-        box = mask_to_box(pred) if pred is not None and _numpy(pred).ndim == 2 else pred  # (H, W) is a mask
-        union = boxes_union(gt_boxes)
-        if union is None:
+        """Add one image: a predicted mask (H, W) or box of shape (4,) / (1, 4) (or None), and its boxes (N, 4)."""
+        gt = _boxes(gt_boxes, "gt_boxes")
+        if gt.shape[0] == 0:
             raise ValueError("BoxIoUAccumulator.update: the image has no ground-truth box")
-        self.append(torch.tensor([box_iou(box, union), box_iou_best(box, gt_boxes)], dtype=torch.float64))
+        scores = mask_box_iou(pred, gt)
+        self.append(torch.tensor([scores["box_iou"], scores["box_iou_best"], float(gt.shape[0] > 1)],
+                                 dtype=torch.float64))
 
     def aggregate(self) -> dict[str, float]:
-        """Return the mean union-box IoU, the mean best-match IoU and the image count."""
-        ious = self.get_buffer()  # (N, 2)
+        """Return the mean union-box IoU, the mean best-match IoU, the image count and the several-object count."""
+        ious = self.get_buffer()  # (N, 3)
         if ious is None:
             raise ValueError("BoxIoUAccumulator.aggregate: no images; call update() first")
-        return {"box_iou": float(ious[:, 0].mean()), "box_iou_best": float(ious[:, 1].mean()), "count": len(ious)}
+        return {"box_iou": float(ious[:, 0].mean()), "box_iou_best": float(ious[:, 1].mean()), "count": len(ious),
+                "several_objects": int(ious[:, 2].sum())}
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:

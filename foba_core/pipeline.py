@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from foba_core import tracking
+from foba_core.data import open_images
 from foba_core.io import atomic_write, write_csv, write_json, write_torch
 from foba_core.masks import upsample_mask
 from foba_core.metrics import BoxIoUAccumulator, SegmentationAccumulator
@@ -55,7 +56,6 @@ CLASS_WORDS = {"cub": "bird", "dogs": "dog", "cars": "car", "h36m": "human"}  # 
 BOX_DATASETS = ("dogs", "cars", "h36m")  # scored by box IoU (Table 3); the others by pixel ACC / IoU / mIoU
 TOY_FEATURES = "toy"  # fid_network value: train the toy feature network (toy world only)
 FID_NOT_COMPUTED = "not computed (pass --fid_network)"
-SUBSET_SEED = 0  # the random subset of --max_images depends on the split and N only, never on the run's seed
 GRID_TILE = 256  # mask-grid tiles are at most this many pixels wide
 BUNDLE_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "foba_toy",
                               "configs")  # the stage configs masks.yaml and finetune.yaml serve every dataset
@@ -67,30 +67,6 @@ def class_word(dataset: str) -> str | None:
     from foba_core.data._io import check_option
 
     return CLASS_WORDS.get(check_option(dataset, DATASETS, "dataset"))
-
-
-def open_images(dataset: str, root, split: str, n_images: int | None = None) -> torch.utils.data.Dataset:
-    """Return the images D of one split: ``n_images`` toy scenes, or a fixed random subset of ``n_images`` (None: all).
-
-    The subset of a real dataset is the first ``n_images`` of one permutation seeded by ``SUBSET_SEED``,
-    kept in the dataset's order, so every stage that opens the split with the same N sees the same images.
-    """
-    from foba_core.data import open_dataset
-
-    if dataset == "toy":
-        if n_images is None:
-            raise ValueError("the toy world is generated: pass the number of images (n_images / n_train / n_test)")
-        return open_dataset("toy", None, split=split, size=int(n_images))
-    data = open_dataset(dataset, root, split=split)
-    if len(data) == 0:
-        raise ValueError(f"the {split} split of {dataset} at {root} holds no images; check the folder "
-                         "(docs/datasets.md; Human3.6M: prepare it with --n_test_frames > 0 for a test split)")
-    if n_images is None or int(n_images) >= len(data):
-        return data
-    if int(n_images) < 1:
-        raise ValueError(f"n_images must be >= 1 or None (all images), got {n_images}")
-    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(SUBSET_SEED))[: int(n_images)]
-    return torch.utils.data.Subset(data, sorted(keep.tolist()))
 
 
 def load_images(data, start: int, stop: int, size: int) -> torch.Tensor:

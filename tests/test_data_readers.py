@@ -1,7 +1,11 @@
 """Dataset readers on tiny copies of each dataset's real on-disk layout, built in tmp_path.
 
 Every image is 40×30 (W×H) with a red object on a green background at a known place, so a reader's
-box and mask can be checked against the pixels it returns.
+box and mask can be checked against the pixels it returns. The index files are written in the formats
+the datasets distribute: CUB's space-separated text files and soft PNG masks, Stanford Dogs' VOC XML
+files without extension and MATLAB v5 lists (N×1 cells of char arrays, uint8 labels), Stanford Cars'
+MATLAB v5 1×N struct arrays with uint8/uint16 1×1 fields and 1×K cells of class names, Human3.6M's
+MATLAB v7.3 (HDF5) mask files.
 """
 
 from __future__ import annotations
@@ -53,11 +57,17 @@ def assert_red_inside(image: torch.Tensor, box) -> None:
 
 
 def cell(strings) -> np.ndarray:
-    """A MATLAB cell column (N×1) of strings, as scipy.io.savemat writes it."""
+    """A MATLAB cell column (N×1) of char arrays, as MATLAB saves a cellstr (and lists.tar holds them)."""
     out = np.empty((len(strings), 1), dtype=object)
     for i, s in enumerate(strings):
-        out[i, 0] = s
+        out[i, 0] = np.array([s])
     return out
+
+
+def assert_box_on_object(item, box) -> None:
+    """The item's only box is ``box`` and the returned pixels there are the red object."""
+    assert item["boxes"].tolist() == [list(box)]
+    assert_red_inside(item["image"], box)
 
 
 # ---------------------------------------------------------------- CUB-200-2011
@@ -138,21 +148,17 @@ DOG_ITEMS = [  # folder, file stem, label, split, dog boxes (0-based, exclusive 
 ]
 
 
-def voc_xml(stem: str, breed: str, boxes) -> bytes:
-    """A Stanford Dogs annotation: VOC XML with 1-based inclusive <bndbox> per dog."""
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = stem.split("_")[0][1:]
-    ET.SubElement(root, "filename").text = stem
-    size = ET.SubElement(root, "size")
-    for key, value in (("width", W), ("height", H), ("depth", 3)):
-        ET.SubElement(size, key).text = str(value)
-    for x1, y1, x2, y2 in boxes:
-        obj = ET.SubElement(root, "object")
-        ET.SubElement(obj, "name").text = breed
-        bndbox = ET.SubElement(obj, "bndbox")
-        for key, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
-            ET.SubElement(bndbox, key).text = str(value)
-    return ET.tostring(root)
+def voc_xml(stem: str, breed: str, boxes, width: int = W, height: int = H) -> bytes:
+    """A Stanford Dogs annotation as annotation.tar holds it: tab-indented VOC XML, 1-based inclusive <bndbox>."""
+    objects = "".join(
+        f"\t<object>\n\t\t<name>{breed}</name>\n\t\t<pose>Unspecified</pose>\n\t\t<truncated>0</truncated>\n"
+        f"\t\t<difficult>0</difficult>\n\t\t<bndbox>\n\t\t\t<xmin>{x1 + 1}</xmin>\n\t\t\t<ymin>{y1 + 1}</ymin>\n"
+        f"\t\t\t<xmax>{x2}</xmax>\n\t\t\t<ymax>{y2}</ymax>\n\t\t</bndbox>\n\t</object>\n"
+        for x1, y1, x2, y2 in boxes)
+    return (f"<annotation>\n\t<folder>{stem.split('_')[0][1:]}</folder>\n\t<filename>{stem}</filename>\n"
+            "\t<source>\n\t\t<database>ImageNet database</database>\n\t</source>\n"
+            f"\t<size>\n\t\t<width>{width}</width>\n\t\t<height>{height}</height>\n\t\t<depth>3</depth>\n\t</size>\n"
+            f"\t<segment>0</segment>\n{objects}</annotation>").encode()
 
 
 def make_dogs(root: Path) -> Path:
@@ -163,10 +169,10 @@ def make_dogs(root: Path) -> Path:
         (root / "Annotation" / folder / stem).write_bytes(voc_xml(stem, folder.split("-", 1)[1], boxes))
     for split in ("train", "test"):
         rows = [r for r in DOG_ITEMS if r[3] == split]
-        scipy.io.savemat(root / f"{split}_list.mat", {
+        scipy.io.savemat(root / f"{split}_list.mat", {  # as lists.tar: N×1 cells of char arrays, N×1 uint8 labels
             "file_list": cell([f"{f}/{s}.jpg" for f, s, *_ in rows]),
             "annotation_list": cell([f"{f}/{s}" for f, s, *_ in rows]),
-            "labels": np.array([[r[2]] for r in rows], dtype=np.float64),
+            "labels": np.array([[r[2]] for r in rows], dtype=np.uint8),
         })
     return root
 
@@ -196,6 +202,7 @@ def test_dogs_missing_files_are_named(tmp_path):
 
 # ---------------------------------------------------------------- Stanford Cars
 
+CAR_NAMES = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
 CAR_ITEMS = {  # split -> (file name, 1-based class, box 0-based exclusive)
     "train": [("00001.jpg", 2, (10, 8, 25, 20)), ("00002.jpg", 1, (3, 4, 38, 28))],
     "test": [("00001.jpg", 1, (20, 10, 35, 25))],
@@ -203,11 +210,13 @@ CAR_ITEMS = {  # split -> (file name, 1-based class, box 0-based exclusive)
 
 
 def annotations_struct(rows) -> np.ndarray:
-    """The devkit's 1×N struct array 'annotations' with MATLAB 1-based inclusive bbox fields."""
+    """The devkit's 1×N struct array 'annotations' as MATLAB saved it: 1-based inclusive bbox fields held as
+    1×1 uint8/uint16 matrices, class a 1×1 uint8, fname a char array."""
     fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
     out = np.empty((1, len(rows)), dtype=[(f, object) for f in fields])
     for i, (fname, cls, (x1, y1, x2, y2)) in enumerate(rows):
-        out[0, i] = (x1 + 1, y1 + 1, x2, y2, cls, fname)
+        out[0, i] = (np.array([[x1 + 1]], np.uint8), np.array([[y1 + 1]], np.uint16), np.array([[x2]], np.uint16),
+                     np.array([[y2]], np.uint8), np.array([[cls]], np.uint8), np.array([fname]))
     return out
 
 
@@ -217,7 +226,7 @@ def make_cars(root: Path, labels_in_devkit: bool = False) -> Path:
         (root / f"cars_{split}").mkdir()
         for fname, _, box in rows:
             Image.fromarray(scene([box])).save(root / f"cars_{split}" / fname, quality=95)
-    names = cell(["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]).T  # 1×K cell
+    names = cell(CAR_NAMES).T  # 1×K cell
     scipy.io.savemat(root / "devkit" / "cars_meta.mat", {"class_names": names})
     scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": annotations_struct(CAR_ITEMS["train"])})
     test_file = root / ("devkit" if labels_in_devkit else "") / "cars_test_annos_withlabels.mat"
@@ -235,7 +244,7 @@ def test_cars_splits_boxes_and_ids(tmp_path, labels_in_devkit):
         assert item["image"].shape == (3, H, W)
         assert item["boxes"].tolist() == [list(box)]
         assert_red_inside(item["image"], box)
-        assert item["label"] == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"][cls - 1]
+        assert item["label"] == CAR_NAMES[cls - 1] and item["class_id"] == cls
         assert item["caption"] == "a photo of a car"
 
 
@@ -406,3 +415,260 @@ def test_open_dataset_dispatches_and_names_the_options(tmp_path):
         open_dataset("dogs", None)
     with pytest.raises(ValueError, match="test"):
         open_dataset("cub", tmp_path, split="tset")
+
+
+# ---------------------------------------------------------------- image formats and orientation (all readers)
+
+def rotated_for_exif(displayed: np.ndarray, tag: int = 6) -> tuple[Image.Image, bytes]:
+    """The stored pixels and EXIF block of a camera JPEG whose EXIF orientation ``tag`` turns them into ``displayed``."""
+    assert tag == 6
+    stored = Image.fromarray(displayed).transpose(Image.Transpose.ROTATE_90)  # exif_transpose undoes it (ROTATE_270)
+    exif = Image.Exif()
+    exif[0x0112] = tag
+    return stored, exif.tobytes()
+
+
+def test_cub_odd_image_modes_come_back_as_rgb_on_the_object(tmp_path):
+    base = make_cub(tmp_path)
+    _, name, _, _, box, _ = CUB_ITEMS[0]
+    path = base / "images" / name
+    for mode, save in (("CMYK", {"format": "JPEG", "quality": 95}), ("P", {"format": "PNG"}),
+                       ("RGBA", {"format": "PNG"}), ("LA", {"format": "PNG"})):
+        Image.fromarray(scene([box])).convert(mode).save(path, **save)  # PNG behind a .jpg name, as in ImageNet
+        item = CUB200(tmp_path, split="train")[0]
+        assert item["image"].shape == (3, H, W), mode
+        if mode != "LA":
+            assert_red_inside(item["image"], box)
+        assert item["mask"][box[1]:box[3], box[0]:box[2]].all()
+
+
+def test_cub_exif_orientation_follows_the_annotation(tmp_path):
+    base = make_cub(tmp_path)
+    _, name, _, _, box, _ = CUB_ITEMS[0]
+    stored, exif = rotated_for_exif(scene([box]))
+    # a tag the annotators did not see: the mask (W × H) matches the displayed image -> rotate the pixels to it
+    stored.save(base / "images" / name, exif=exif, quality=95)
+    item = CUB200(tmp_path, split="train")[0]
+    assert item["image"].shape == (3, H, W) and item["boxes"].tolist() == [list(box)]
+    assert_red_inside(item["image"], box)
+    assert item["image"][0][item["mask"]].mean() > 0.7  # the mask lies on the red bird
+    # the tag on pixels that were annotated as stored (mask of the stored size): the pixels stay as stored
+    raw = scene([box])
+    Image.fromarray(raw).save(base / "images" / name, exif=exif, quality=95)
+    item = CUB200(tmp_path, split="train")[0]
+    assert item["image"].shape == (3, H, W)
+    assert_red_inside(item["image"], box)
+
+
+def test_cub_mask_threshold_is_a_strict_majority(tmp_path):
+    make_cub(tmp_path)
+    _, name, _, _, box, _ = CUB_ITEMS[0]
+    soft = np.zeros((H, W), np.uint8)
+    soft[:, :10], soft[:, 10:20], soft[:, 20:30], soft[:, 30:] = 102, 127, 128, 153  # 2/5, <0.5, >0.5, 3/5
+    Image.fromarray(soft).save((tmp_path / "segmentations" / name).with_suffix(".png"))
+    mask = CUB200(tmp_path, split="train")[0]["mask"]
+    assert not mask[:, :20].any() and mask[:, 20:].all()
+
+
+def test_cub_wrong_index_files_name_the_file_and_line(tmp_path):
+    base = make_cub(tmp_path)
+    good = (base / "bounding_boxes.txt").read_text()
+    (base / "bounding_boxes.txt").write_text(good.replace("10.0 8.0", "ten 8.0"))
+    with pytest.raises(ValueError, match=r"bounding_boxes\.txt, line 1.*'ten'"):
+        CUB200(tmp_path)
+    (base / "bounding_boxes.txt").write_text(good)
+    (base / "train_test_split.txt").write_text("1 1\n2 0\n3 yes\n")
+    with pytest.raises(ValueError, match=r"train_test_split\.txt.*'yes'"):
+        CUB200(tmp_path)
+    (base / "train_test_split.txt").write_text("1 1\n2 0\n3 1\n")
+    (base / "images" / CUB_ITEMS[0][1]).write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="Black_Footed_Albatross_0001_11.jpg.*cannot decode"):
+        CUB200(tmp_path, split="train")[0]
+    mask = (tmp_path / "segmentations" / CUB_ITEMS[2][1]).with_suffix(".png")
+    Image.fromarray(np.zeros((H + 1, W), np.uint8)).save(mask)
+    with pytest.raises(ValueError, match="Laysan_Albatross_0003_13.png"):
+        CUB200(tmp_path, split="train")[1]
+    mask.unlink()
+    with pytest.raises(FileNotFoundError, match="Laysan_Albatross_0003_13.png"):
+        CUB200(tmp_path, split="train")[1]
+
+
+def test_cub_boxes_are_clipped_and_segmentations_may_sit_inside(tmp_path):
+    base = make_cub(tmp_path)
+    (tmp_path / "segmentations").rename(base / "segmentations")
+    (base / "bounding_boxes.txt").write_text("1 -1.5 2.2 50.0 40.0\n2 5.0 5.0 15.0 10.0\n3 20.0 10.0 15.0 15.0\n")
+    item = CUB200(tmp_path, split="train")[0]
+    assert item["boxes"].tolist() == [[0, 2, W, H]] and "mask" in item
+
+
+# ---------------------------------------------------------------- Stanford Dogs: more of the real format
+
+def test_dogs_lists_in_other_matlab_cell_shapes(tmp_path):
+    root = make_dogs(tmp_path)
+    rows = [r for r in DOG_ITEMS if r[3] == "train"]
+    names = [f"{f}/{s}.jpg" for f, s, *_ in rows]
+    nested = np.empty((len(rows), 1), dtype=object)  # cells of 1×1 cells
+    for i, n in enumerate(names):
+        inner = np.empty((1, 1), dtype=object)
+        inner[0, 0] = np.array([n])
+        nested[i, 0] = inner
+    scipy.io.savemat(root / "train_list.mat", {"file_list": nested,  # and a char matrix, padded with blanks
+                                               "annotation_list": np.array([n[:-4] for n in names]),
+                                               "labels": np.array([r[2] for r in rows], dtype=np.float64)})
+    train = StanfordDogs(root, split="train")
+    assert [item["id"] for item in train] == ["n02085620_7", "n02116738_4"]
+    for item, row in zip(train, rows, strict=True):
+        assert_box_on_object(item, row[4][0])
+        assert item["class_id"] == row[2]
+
+
+def test_dogs_odd_images_exif_and_wrong_annotations(tmp_path):
+    root = make_dogs(tmp_path)
+    folder, stem, _, _, boxes = DOG_ITEMS[1]
+    image, annotation = root / "Images" / folder / f"{stem}.jpg", root / "Annotation" / folder / stem
+    Image.fromarray(scene(boxes)).convert("CMYK").save(image, quality=95)
+    item = StanfordDogs(root, split="test")[0]
+    assert item["image"].shape == (3, H, W)
+    for box in boxes:
+        assert_red_inside(item["image"], box)
+    # a camera image annotated as displayed (<size> 40×30) while stored rotated (30×40 + EXIF tag 6)
+    stored, exif = rotated_for_exif(scene(boxes))
+    stored.save(image, exif=exif, quality=95)
+    item = StanfordDogs(root, split="test")[0]
+    assert item["image"].shape == (3, H, W) and item["boxes"].tolist() == [list(b) for b in boxes]
+    for box in boxes:
+        assert_red_inside(item["image"], box)
+    annotation.write_text("<annotation><size><width>40</width><height>30</height></size></annotation>")
+    with pytest.raises(ValueError, match=f"{stem}.*no <object>"):
+        StanfordDogs(root, split="test")[0]
+    annotation.write_text("<annotation><object><bndbox><xmin>3")
+    with pytest.raises(ValueError, match=f"{stem}.*VOC-style XML"):
+        StanfordDogs(root, split="test")[0]
+    (root / "test_list.mat").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    with pytest.raises(ValueError, match="test_list.mat"):
+        StanfordDogs(root, split="test")
+    scipy.io.savemat(root / "test_list.mat", {"file_list": cell(["a/b.jpg"])})
+    with pytest.raises(ValueError, match=r"test_list\.mat lacks the variables \['annotation_list', 'labels'\]"):
+        StanfordDogs(root, split="test")
+
+
+def test_dogs_box_beyond_the_image_is_clipped(tmp_path):
+    root = make_dogs(tmp_path)
+    folder, stem, _, _, _ = DOG_ITEMS[0]
+    (root / "Annotation" / folder / stem).write_bytes(voc_xml(stem, "Chihuahua", [(10, 8, W + 5, H + 3)]))
+    item = StanfordDogs(root, split="train")[0]
+    assert item["boxes"].tolist() == [[10, 8, W, H]]
+
+
+# ---------------------------------------------------------------- Stanford Cars: more of the real formats
+
+def test_cars_single_image_split_char_matrix_names_and_nested_folders(tmp_path):
+    root = make_cars(tmp_path)
+    scipy.io.savemat(root / "devkit" / "cars_meta.mat", {"class_names": np.array(CAR_NAMES)})  # blank-padded rows
+    (root / "cars_test").rename(root / "cars_test_inner")
+    (root / "cars_test").mkdir()
+    (root / "cars_test_inner").rename(root / "cars_test" / "cars_test")  # as some mirrors extract it
+    test = StanfordCars(root, split="test")
+    assert len(test) == 1
+    fname, cls, box = CAR_ITEMS["test"][0]
+    assert_box_on_object(test[0], box)
+    assert test[0]["label"] == CAR_NAMES[cls - 1] and test[0]["id"] == "test_00001"
+
+
+def test_cars_annos_mat_distribution(tmp_path):
+    """car_ims/ + cars_annos.mat (relative_im_path, bbox_*, class, test; class_names) - the single-archive copy."""
+    rows = [("car_ims/000001.jpg", 2, 0, (10, 8, 25, 20)), ("car_ims/000002.jpg", 1, 1, (3, 4, 38, 28)),
+            ("car_ims/000003.jpg", 1, 0, (20, 10, 35, 25))]
+    (tmp_path / "car_ims").mkdir()
+    fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+    annotations = np.empty((1, len(rows)), dtype=[(f, object) for f in fields])
+    for i, (rel, cls, test, (x1, y1, x2, y2)) in enumerate(rows):
+        Image.fromarray(scene([(x1, y1, x2, y2)])).save(tmp_path / rel, quality=95)
+        annotations[0, i] = (np.array([rel]), *(np.array([[v]], np.uint16) for v in (x1 + 1, y1 + 1, x2, y2)),
+                             np.array([[cls]], np.uint8), np.array([[test]], np.uint8))
+    scipy.io.savemat(tmp_path / "cars_annos.mat", {"annotations": annotations, "class_names": cell(CAR_NAMES).T})
+    assert [len(open_dataset("cars", tmp_path, split=s)) for s in ("train", "test", "all")] == [2, 1, 3]
+    train = open_dataset("cars", tmp_path, split="train")
+    assert [item["id"] for item in train] == ["000001", "000003"]
+    for item, (_, cls, _, box) in zip(train, [rows[0], rows[2]], strict=True):
+        assert_box_on_object(item, box)
+        assert item["label"] == CAR_NAMES[cls - 1] and item["caption"] == "a photo of a car"
+    (tmp_path / "car_ims" / "000002.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="000002.jpg"):
+        open_dataset("cars", tmp_path, split="test")[0]
+
+
+def test_cars_wrong_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cars_meta\.mat.*cars_annos\.mat"):
+        StanfordCars(tmp_path)
+    root = make_cars(tmp_path)
+    from numpy.lib.recfunctions import repack_fields
+
+    no_class = repack_fields(annotations_struct(CAR_ITEMS["test"])[["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "fname"]])
+    scipy.io.savemat(root / "cars_test_annos_withlabels.mat", {"annotations": no_class})  # as cars_test_annos.mat
+    with pytest.raises(ValueError, match=r"cars_test_annos_withlabels\.mat.*no field 'class'"):
+        StanfordCars(root, split="test")
+    scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"boxes": np.zeros((1, 4))})
+    with pytest.raises(ValueError, match=r"cars_train_annos\.mat lacks the variables \['annotations'\]"):
+        StanfordCars(root, split="train")
+    (root / "devkit" / "cars_meta.mat").write_text("not a MATLAB file")
+    with pytest.raises(ValueError, match=r"cars_meta\.mat"):
+        StanfordCars(root, split="train")
+
+
+# ---------------------------------------------------------------- Human3.6M: more sources
+
+def test_h36m_v5_mask_files_and_raw_copy_through_open_dataset(tmp_path):
+    pytest.importorskip("h5py")
+    from foba_core.data.h36m import MatMasks
+
+    src = tmp_path / "h36m"
+    make_h36m_frames_subject(src)
+    bb = src / "S9" / "MySegmentsMat" / "ground_truth_bb" / "Walking 1.54138969.mat"
+    _, boxes = frames_and_masks(6)
+    masks = np.empty((1, len(boxes)), dtype=object)  # the same masks re-saved as MATLAB v5 (H, W) cells
+    for i, m in enumerate(boxes):
+        masks[0, i] = m.astype(np.uint8)
+    scipy.io.savemat(bb, {"Masks": masks})
+    with MatMasks(bb) as loaded:
+        assert len(loaded) == 6 and np.array_equal(loaded[3], boxes[3])
+    data = open_dataset("h36m", src, split="test", size=32)  # a raw copy: the subset is prepared once, beside it
+    assert len(data) == 3 and (src / "foba_subset_32px_seed0_0_1000" / "index.csv").is_file()
+    for item in data:
+        assert item["image"].shape == (3, 32, 32) and item["caption"] == "a photo of a human"
+        assert_red_inside(item["image"], item["boxes"][0].tolist())
+        assert item["image"][0][item["mask"]].mean() > 0.7
+    assert [i["id"] for i in open_dataset("h36m", src, split="test", size=32)] == [i["id"] for i in data]  # reused
+    with pytest.raises(FileNotFoundError, match="no Human3.6M train subject.*S1/MySegmentsMat"):
+        open_dataset("h36m", src, split="train")
+
+
+# ---------------------------------------------------------------- open_images
+
+def test_open_images_lives_in_foba_core_data(tmp_path):
+    import foba_core.pipeline as pipeline
+    from foba_core.data import open_images
+
+    assert pipeline.open_images is open_images
+    make_dogs(tmp_path)
+    assert len(open_images("dogs", tmp_path, "all", 2)) == 2 and len(open_images("toy", None, "test", 3)) == 3
+
+
+def test_cars_annotations_saved_in_other_struct_shapes(tmp_path):
+    """The same devkit files written as a 1-D record array (numpy fromarrays), a cell of 1×1 structs (a list of
+    dicts) or one struct of columns: the rows, boxes and classes come out the same."""
+    root = make_cars(tmp_path)
+    rows = CAR_ITEMS["train"]
+    columns = {"bbox_x1": [b[0] + 1 for _, _, b in rows], "bbox_y1": [b[1] + 1 for _, _, b in rows],
+               "bbox_x2": [b[2] for _, _, b in rows], "bbox_y2": [b[3] for _, _, b in rows],
+               "class": [c for _, c, _ in rows], "fname": [f for f, _, _ in rows]}
+    record = np.rec.fromarrays([np.array(v) for v in columns.values()], names=list(columns))
+    dicts = [{k: v[i] for k, v in columns.items()} for i in range(len(rows))]
+    struct_of_columns = {k: (np.array(v, dtype=object) if k == "fname" else np.array(v)) for k, v in columns.items()}
+    for layout in (record, dicts, struct_of_columns):
+        scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": layout})
+        train = StanfordCars(root, split="train")
+        assert [item["id"] for item in train] == ["train_00001", "train_00002"]
+        for item, (_, cls, box) in zip(train, rows, strict=True):
+            assert_box_on_object(item, box)
+            assert item["class_id"] == cls

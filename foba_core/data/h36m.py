@@ -19,7 +19,9 @@ folder names map to the file names above through the ``metadata.xml`` of the Hum
 (shipped with h36m-fetch), looked for at ``<src>/metadata.xml`` unless given.
 
 Training subjects are S1, S5, S6, S7, S8; test subjects S9, S11. Reading the .mat files needs
-``h5py``, decoding videos needs ``av`` (PyAV); the prepared subset needs neither.
+``h5py`` (files re-saved as MATLAB v5 are read with scipy), decoding videos needs ``av`` (PyAV); the
+prepared subset needs neither. :class:`Human36M` (``open_dataset("h36m", root)``) also accepts the raw
+copy as ``root`` and then prepares the subset once, beside it (:func:`prepared_index`).
 
 Prepared subset (``out``)::
 
@@ -68,11 +70,25 @@ def _require_module(name: str, purpose: str):
 
 
 class MatMasks:
-    """The per-frame masks of a Human3.6M MATLAB v7.3 file: ``len()`` frames, ``[i]`` a (H, W) bool mask."""
+    """The per-frame masks of a Human3.6M mask file: ``len()`` frames, ``[i]`` a (H, W) bool mask.
+
+    Human3.6M ships MATLAB v7.3 (HDF5) files with a cell array ``Masks`` (read with ``h5py``: each cell is a
+    reference to a column-major (W, H) array); a copy re-saved as MATLAB v5 (``scipy.io.loadmat``: a cell of
+    (H, W) arrays) is read as well.
+    """
 
     def __init__(self, path: Path):
+        self.path = require_file(path, "a Human3.6M mask file (MATLAB v7.3, cell array 'Masks': one mask per frame)")
+        self.file, self.cells = None, None
+        with open(path, "rb") as f:
+            head = f.read(128)
+        if head.startswith(b"MATLAB 5.0 MAT-file"):  # the v5 header; v7.3 files say "MATLAB 7.3 MAT-file"
+            self._open_v5(path)
+        else:
+            self._open_hdf5(path)
+
+    def _open_hdf5(self, path: Path) -> None:
         h5py = _require_module("h5py", "reading Human3.6M's MATLAB v7.3 mask files")
-        self.path = require_file(path, "a Human3.6M MATLAB v7.3 mask file ('Masks': one mask per frame)")
         try:
             self.file = h5py.File(path, "r")
         except OSError as err:
@@ -82,17 +98,33 @@ class MatMasks:
             raise ValueError(f"{path} has no 'Masks' cell array; expected one mask per frame")
         self.refs = np.asarray(self.file["Masks"]).ravel()  # MATLAB 1×N cell -> HDF5 (N, 1) object refs
 
+    def _open_v5(self, path: Path) -> None:
+        import scipy.io
+
+        try:
+            mat = scipy.io.loadmat(path)
+        except Exception as err:  # noqa: BLE001 - scipy raises several types on a broken file
+            raise ValueError(f"{path} is neither a MATLAB v7.3 (HDF5) nor a v5 file ({err}); expected a Human3.6M "
+                             "mask file with a cell array 'Masks'") from err
+        if "Masks" not in mat:
+            raise ValueError(f"{path} has no 'Masks' cell array; expected one mask per frame")
+        cells = np.asarray(mat["Masks"])
+        self.cells = list(cells.ravel()) if cells.dtype == object else [cells]
+
     def __len__(self) -> int:
-        return len(self.refs)
+        return len(self.refs) if self.cells is None else len(self.cells)
 
     def __getitem__(self, frame: int) -> np.ndarray:
+        if self.cells is not None:
+            return np.asarray(self.cells[frame]) > 0
         return np.asarray(self.file[self.refs[frame]]).T > 0  # HDF5 holds MATLAB's column-major (W, H)
 
     def __enter__(self) -> "MatMasks":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def read_fetch_metadata(path: Path) -> dict[tuple[str, str], str]:
@@ -284,21 +316,76 @@ def prepare_h36m(src: str | Path, out: str | Path, n_frames: int = 6000, size: i
     return index
 
 
+def is_raw_copy(root: str | Path) -> bool:
+    """Whether ``root`` looks like a local Human3.6M copy (some ``S<n>/MySegmentsMat``) rather than a prepared subset."""
+    root = Path(root)
+    return any((root / subject / "MySegmentsMat").is_dir() for subjects in SUBJECTS.values() for subject in subjects)
+
+
+def prepared_index(src: str | Path, split: str, out: str | Path | None = None, n_frames: int = 6000,
+                   n_test_frames: int = 1000, size: int = 256, seed: int = 0,
+                   metadata: str | Path | None = None) -> Path:
+    """Return the index.csv of the subset prepared from the raw copy ``src``, preparing it on first use.
+
+    The subset goes to ``out`` (default ``src/foba_subset_<size>px_seed<seed>_<n_frames>_<n_test_frames>``) and is
+    reused when its index.csv exists. Only the parts whose subjects the copy holds are drawn (training subjects
+    S1, S5-S8; test subjects S9, S11); asking for a split whose subjects are absent is an error.
+    """
+    src = Path(src)
+    present = {part: [s for s in subjects if (src / s / "MySegmentsMat").is_dir()] for part, subjects in SUBJECTS.items()}
+    needed = ("train", "test") if split == "all" else (split,)
+    absent = [part for part in needed if not present[part]]
+    if absent:
+        part = absent[0]
+        raise FileNotFoundError(
+            f"no Human3.6M {part} subject under {src}: expected {src}/{SUBJECTS[part][0]}/MySegmentsMat/ground_truth_bb/"
+            f"<Action>.<camera>.mat (subjects {', '.join(SUBJECTS[part])}) with their videos or frames")
+    n_train = n_frames if present["train"] else 0
+    n_test = n_test_frames if present["test"] else 0
+    out = Path(out) if out is not None else src / f"foba_subset_{size}px_seed{seed}_{n_train}_{n_test}"
+    index = out / "index.csv"
+    if index.is_file():
+        return index
+    logger.info("Human3.6M: preparing the subset of %s in %s (once)", src, out)
+    try:
+        return prepare_h36m(src, out, n_frames=n_train, size=size, seed=seed, n_test_frames=n_test, metadata=metadata)
+    except PermissionError as err:
+        raise PermissionError(f"cannot write the prepared Human3.6M subset to {out} ({err}): pass prepared_dir=<a "
+                              f"writable folder>, or run `python -m foba_core.data.h36m prepare --src {src} --out DIR` "
+                              "and open DIR") from err
+
+
 class Human36M(RecordDataset):
     """A prepared Human3.6M subset (see :func:`prepare_h36m`) as dataset items with the person's ``box``
-    (and ``mask`` where the copy had background-subtraction masks)."""
+    (and ``mask`` where the copy had background-subtraction masks).
+
+    ``root`` is a prepared subset (it holds index.csv) or a raw local copy (``S1/MySegmentsMat/…``), whose
+    subset is then prepared once by :func:`prepared_index` (``prepared_dir`` and the other keyword arguments
+    are passed to it).
+    """
 
     dataset_name = "Human3.6M subset"
 
-    def __init__(self, root: str | Path, split: str = "test"):
+    def __init__(self, root: str | Path, split: str = "test", prepared_dir: str | Path | None = None, **prepare):
         split = check_split(split)
         root = Path(root)
+        if not (root / "index.csv").is_file() and is_raw_copy(root):
+            root = prepared_index(root, split, out=prepared_dir, **prepare).parent
         index = require_file(root / "index.csv", "the index of a prepared Human3.6M subset; make it with "
-                             f"`python -m foba_core.data.h36m prepare --src <Human3.6M copy> --out {root}`")
-        table = pd.read_csv(index, dtype=str, keep_default_na=False)
+                             f"`python -m foba_core.data.h36m prepare --src <Human3.6M copy> --out {root}` "
+                             "(or point root at the copy itself: S1/MySegmentsMat/..., S1/Videos/...)")
+        try:
+            table = pd.read_csv(index, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise ValueError(f"{index} is not a CSV file with the columns {INDEX_COLUMNS} ({err})") from err
         missing = [c for c in INDEX_COLUMNS if c not in table.columns]
         if missing:
             raise ValueError(f"{index} lacks the columns {missing}; expected {INDEX_COLUMNS}")
+        for column in ("x1", "y1", "x2", "y2", "frame"):
+            bad = pd.to_numeric(table[column], errors="coerce").isna()
+            if bad.any():
+                line = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # + the header line, 1-based
+                raise ValueError(f"{index}, line {line}: {column} = {table[column][bad].iloc[0]!r} is not a number")
         if split != "all":
             table = table[table["split"] == split]
         records = []
@@ -309,7 +396,7 @@ class Human36M(RecordDataset):
                 "label": re.sub(r"[ _-]?\d+$", "", row.action),  # action without its subaction number
                 "boxes": np.array([[float(row.x1), float(row.y1), float(row.x2), float(row.y2)]]),
                 "mask_path": root / row.mask if row.mask else None,
-                "subject": row.subject, "action": row.action, "camera": row.camera, "frame": int(row.frame),
+                "subject": row.subject, "action": row.action, "camera": row.camera, "frame": int(float(row.frame)),
             })
         super().__init__(records, caption=object_prompt("human"))
 
