@@ -97,7 +97,7 @@ class _CaptureProcessor:
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
+        key, value = self.capture._project_context(attn, context)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, Q, d)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, L, d)
@@ -122,6 +122,10 @@ class _CaptureProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class _AllLayersCaptured(Exception):
+    """Raised by a capture with ``stop_after_last=True`` once every cross-attention layer has been read."""
+
+
 class AttentionCapture:
     """Context manager capturing the target tokens' cross-attention of a U-Net as running sums.
 
@@ -129,14 +133,19 @@ class AttentionCapture:
     to read (``token_weights``); after it, ``pop()`` returns the sum over layers of the head-averaged,
     upsampled maps (B, n, H, W) and, with ``per_layer=True``, the same per layer. With
     ``conditional_half=True`` the U-Net batch is [unconditional; conditional] (classifier-free
-    guidance, as diffusers pipelines stack it) and only the conditional half is read.
+    guidance, as diffusers pipelines stack it) and only the conditional half is read. With
+    ``stop_after_last=True`` (maps only, the U-Net's output is not wanted) the forward pass stops
+    right after the last cross-attention layer; run it through ``forward(...)``.
     """
 
-    def __init__(self, unet, latent_hw: tuple[int, int], per_layer: bool = False, conditional_half: bool = False):
+    def __init__(self, unet, latent_hw: tuple[int, int], per_layer: bool = False, conditional_half: bool = False,
+                 stop_after_last: bool = False):
         self.unet, self.latent_hw = unet, tuple(latent_hw)
-        self.per_layer, self.conditional_half = per_layer, conditional_half
+        self.per_layer, self.conditional_half, self.stop_after_last = per_layer, conditional_half, stop_after_last
         self._weights: torch.Tensor | None = None
         self._cols: torch.Tensor | None = None
+        self._context_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._n_layers, self._n_added = 0, 0
         self._total: torch.Tensor | None = None
         self._layers: dict[str, torch.Tensor] = {}
         self._original = None
@@ -149,7 +158,8 @@ class AttentionCapture:
             procs[name] = _CaptureProcessor(self, name.rsplit(".processor", 1)[0]) if ".attn2." in name + "." else proc
         if not any(isinstance(p, _CaptureProcessor) for p in procs.values()):
             raise ValueError("this U-Net has no cross-attention layers (attn2) to capture")
-        self.unet.set_attn_processor(procs)
+        self._n_layers = sum(isinstance(p, _CaptureProcessor) for p in procs.values())
+        self.unet.set_attn_processor(procs)  # (diffusers empties the dict it is given)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -161,11 +171,29 @@ class AttentionCapture:
         """Names of the captured cross-attention layers, in forward order."""
         return [n.rsplit(".processor", 1)[0] for n in self.unet.attn_processors if ".attn2." in n + "."]
 
-    def select(self, weights: torch.Tensor) -> None:
-        """Set the selection matrix W (B, L, n) for the next forward pass (B = conditional rows)."""
+    def select(self, weights: torch.Tensor, context_rows: torch.Tensor | None = None) -> None:
+        """Set the selection matrix W (B, L, n) for the next forward pass (B = conditional rows).
+
+        ``context_rows`` (B,) optionally says which rows share one text context (e.g. the image index of
+        (image, timestep) rows): keys and values are then projected once per distinct context.
+        """
         self._cols = weights.abs().sum(dim=(0, 2)).nonzero().flatten()  # tokens used by any row
         self._weights = weights[:, self._cols, :].float()  # (B, k, n)
-        self._total, self._layers = None, {}
+        self._total, self._layers, self._n_added = None, {}, 0
+        self._context_rows = None
+        if context_rows is not None:
+            distinct, inverse = torch.unique(context_rows, return_inverse=True)
+            first = torch.full_like(distinct, len(context_rows)).scatter_reduce(
+                0, inverse, torch.arange(len(context_rows), device=context_rows.device), "amin")
+            self._context_rows = (first, inverse)
+
+    def _project_context(self, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return K = to_k(context) and V = to_v(context), computed once per distinct context of the batch."""
+        if self._context_rows is None or self.conditional_half or context.shape[0] != len(self._context_rows[1]):
+            return attn.to_k(context), attn.to_v(context)
+        first, inverse = self._context_rows
+        distinct = context.index_select(0, first)
+        return attn.to_k(distinct).index_select(0, inverse), attn.to_v(distinct).index_select(0, inverse)
 
     def _add(self, name: str, probs: torch.Tensor) -> None:
         if self._weights is None:
@@ -186,6 +214,16 @@ class AttentionCapture:
             self._layers[name] = maps
         held = self._total.nbytes + sum(m.nbytes for m in self._layers.values())
         self.peak_bytes = max(self.peak_bytes, held)
+        self._n_added += 1
+        if self.stop_after_last and self._n_added == self._n_layers:
+            raise _AllLayersCaptured  # the rest of the forward pass (last feed-forward, conv_out) feeds no map
+
+    def forward(self, *args, **kwargs) -> None:
+        """Run the U-Net for its maps only: with ``stop_after_last`` it ends after the last captured layer."""
+        try:
+            self.unet(*args, **kwargs)
+        except _AllLayersCaptured:
+            pass
 
     def pop(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the captured layer sum (B, n, H, W) and the per-layer maps of the last forward pass."""
@@ -253,14 +291,14 @@ def heat_maps(unet, scheduler, z0: torch.Tensor, text_hidden: torch.Tensor, weig
     total = torch.zeros(n_img, weights.shape[-1], *latent_hw, device=device)
     per_t = torch.zeros(n_img, n_t, weights.shape[-1], *latent_hw, device=device) if per_timestep else None
     layers: dict[str, torch.Tensor] = {}
-    with AttentionCapture(unet, latent_hw, per_layer=per_layer) as cap:
+    with AttentionCapture(unet, latent_hw, per_layer=per_layer, stop_after_last=True) as cap:
         for start in tqdm(range(0, len(rows), chunk), desc="attention heat maps", disable=not progress, mininterval=2):
             img = torch.tensor([r[0] for r in rows[start:start + chunk]], device=device)
             tk = torch.tensor([r[1] for r in rows[start:start + chunk]], device=device)
             z_t = scheduler.add_noise(z0[img], noise[tk, img], t_all[tk])  # q_sample(z0, t)
-            cap.select(weights[img])
+            cap.select(weights[img], context_rows=img)  # an image's timesteps share its prompt's K and V
             kwargs = {"encoder_attention_mask": text_mask[img]} if text_mask is not None else {}
-            unet(z_t, t_all[tk], text_hidden[img], **kwargs)
+            cap.forward(z_t, t_all[tk], text_hidden[img], **kwargs)
             maps, per_layer_maps = cap.pop()
             total.index_add_(0, img, maps)  # sum over t (Eq. 4)
             if per_t is not None:

@@ -118,3 +118,31 @@ def test_token_indices_multi_token_words():
     with pytest.raises(ValueError, match="not in the prompt") as err:
         token_indices(tok, prompt, "bird")
     assert "pleural</w>" in str(err.value)  # the error shows the prompt's tokens
+
+
+def test_maps_only_forward_stops_after_the_last_layer_and_shares_keys(tiny_unet):
+    """stop_after_last skips what follows the last cross-attention; shared contexts project K/V once, same maps."""
+    unet, _ = tiny_unet
+    z0, hidden, weights = _inputs()
+    rows = torch.tensor([0, 0, 1, 2, 2, 2])  # (image, timestep) rows: images repeat, as in heat_maps
+    t = torch.tensor([901, 1, 501, 901, 501, 1])
+    calls = {"conv_out": 0, "to_k": 0}
+    hooks = [unet.conv_out.register_forward_hook(lambda *a: calls.__setitem__("conv_out", calls["conv_out"] + 1))]
+    first_attn2 = next(m for n, m in unet.named_modules() if n.endswith("attn2"))
+    hooks.append(first_attn2.to_k.register_forward_hook(
+        lambda m, inp, out: calls.__setitem__("to_k", out.shape[0])))
+    try:
+        with torch.inference_mode(), AttentionCapture(unet, (8, 6), stop_after_last=True) as cap:
+            cap.select(weights[rows], context_rows=rows)
+            cap.forward(z0[rows], t, hidden[rows])
+            shared = cap.pop()[0]
+        assert calls == {"conv_out": 0, "to_k": 3}  # stopped before conv_out; K of 3 distinct prompts
+        with torch.inference_mode(), AttentionCapture(unet, (8, 6)) as cap:
+            cap.select(weights[rows])
+            unet(z0[rows], t, hidden[rows])
+            full = cap.pop()[0]
+        assert calls == {"conv_out": 1, "to_k": 6}
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.allclose(shared, full, rtol=1e-5, atol=1e-7)
