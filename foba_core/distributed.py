@@ -22,6 +22,8 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.data import DistributedSampler
 
+from foba_core.engines import optimizer_steps_now
+
 
 def is_distributed() -> bool:
     """Return whether this process belongs to an initialised process group."""
@@ -231,6 +233,4 @@ class SyncGradientsOnStep:
         network, acc = getattr(engine, "network", None), getattr(engine, "accumulation_steps", 1)
         if not isinstance(network, torch.nn.parallel.DistributedDataParallel) or acc == 1:
             return
-        length = engine.state.epoch_length  # when SupervisedTrainer steps the optimiser: its own rule
-        local = engine.state.iteration - 1 if length is None else (engine.state.iteration - 1) % length
-        network.require_backward_grad_sync = (local + 1) % acc == 0 or local + 1 == length  # read by DDP's forward
+        network.require_backward_grad_sync = optimizer_steps_now(engine)  # read by DDP's forward

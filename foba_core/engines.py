@@ -1,4 +1,10 @@
-"""Small ignite/MONAI engine helpers shared by every training bundle: resume, clipping, warm-up, loss log."""
+"""Small ignite/MONAI engine helpers shared by every training bundle.
+
+Resume from the latest checkpoint (:func:`resume`) and keep the newest ones (:class:`ResumableCheckpointSaver`),
+clip the gradient before each optimiser step (:class:`ClipGradNorm`), warm up the learning rate
+(:func:`warmup_schedule`), keep the loss curve (:class:`LossLog`) and report it to StatsHandler and
+MLflow (:func:`loss_value`, :func:`configure_tracking`).
+"""
 
 from __future__ import annotations
 
@@ -7,25 +13,41 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 
 import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointSaver
 
 log = logging.getLogger(__name__)
 
 
+CHECKPOINT_NAME = re.compile(r"_(iteration|epoch)=(\d+)\.pt$")  # MONAI CheckpointSaver's interval checkpoints
+
+
+def numbered_checkpoints(checkpoint_dir: str, level: str | None = None) -> dict[str, int]:
+    """Return {file name: step} of the interval checkpoints in ``checkpoint_dir`` ("..._iteration=N.pt").
+
+    ``level`` ("iteration" or "epoch") keeps only the checkpoints numbered by that unit.
+    """
+    if not os.path.isdir(checkpoint_dir):
+        return {}
+    found = {}
+    for name in os.listdir(checkpoint_dir):
+        m = CHECKPOINT_NAME.search(name)
+        if m and level in (None, m.group(1)):
+            found[name] = int(m.group(2))
+    return found
+
+
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
     """Return the checkpoint with the highest iteration in ``checkpoint_dir`` (MONAI CheckpointSaver names), or None."""
-    if not os.path.isdir(checkpoint_dir):
-        return None
-    best, best_it = None, -1
-    for name in os.listdir(checkpoint_dir):
-        m = re.search(r"(?:iteration|epoch)=(\d+)\.pt$", name)
-        if m and int(m.group(1)) > best_it:
-            best, best_it = os.path.join(checkpoint_dir, name), int(m.group(1))
+    found = numbered_checkpoints(checkpoint_dir)
+    if found:
+        return os.path.join(checkpoint_dir, max(found, key=found.get))
     final = os.path.join(checkpoint_dir, "checkpoint_final_iteration.pt")
-    return best if best is not None else (final if os.path.exists(final) else None)
+    return final if os.path.exists(final) else None
 
 
 def resume(checkpoint_dir: str, objects: dict) -> str | None:
@@ -62,8 +84,28 @@ def _extend(engine: Engine, max_epochs: int | None, epoch_length: int | None) ->
         s.epoch = s.iteration // epoch_length
 
 
+def optimizer_steps_now(engine: Engine) -> bool:
+    """Return whether MONAI's SupervisedTrainer calls the optimiser step at the end of the current iteration.
+
+    With ``accumulation_steps`` K > 1 it steps on every K-th iteration of an epoch and on the epoch's last
+    one (the rule of ``SupervisedTrainer._iteration``); otherwise on every iteration.
+    """
+    acc = getattr(engine, "accumulation_steps", 1)
+    if acc == 1:
+        return True
+    length = engine.state.epoch_length
+    local = engine.state.iteration - 1 if length is None else (engine.state.iteration - 1) % length
+    return (local + 1) % acc == 0 or local + 1 == length
+
+
 class ClipGradNorm:
-    """Handler: clip the gradient norm of ``parameters`` after every backward pass, before the optimiser step."""
+    """Handler: clip the gradient norm of ``parameters`` to ``max_norm`` right before each optimiser step.
+
+    It runs after the backward pass (``IterationEvents.BACKWARD_COMPLETED``) of the iterations that step the
+    optimiser (:func:`optimizer_steps_now`): with gradient accumulation the accumulated gradient is clipped,
+    not each partial sum. Under AMP (the trainer's ``GradScaler`` in ``engine.scaler``) the gradients are
+    unscaled first, so the true gradient norm is clipped; ``scaler.step`` then does not unscale them again.
+    """
 
     def __init__(self, parameters, max_norm: float = 1.0):
         self.parameters, self.max_norm = list(parameters), float(max_norm)
@@ -72,12 +114,41 @@ class ClipGradNorm:
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        if not optimizer_steps_now(engine):
+            return  # partial sums of an accumulation window are left alone
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(engine.optimizer)  # clip the true gradient, not the loss-scaled one
         torch.nn.utils.clip_grad_norm_(self.parameters, self.max_norm)
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Return a linear learning-rate warm-up over ``warmup_steps`` optimiser steps, constant afterwards."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+
+
+def loss_value(output: dict) -> float:
+    """Return the scalar loss of a SupervisedTrainer output kept as one dict (``decollate=False``).
+
+    The ``output_transform`` of StatsHandler and MLFlowHandler for foba's trainers: MONAI's default,
+    ``from_engine(["loss"], first=True)``, expects a decollated list of per-item dicts and returns a
+    tuple here (StatsHandler skips it, MLFlowHandler fails on it).
+    """
+    return output["loss"].detach().item()
+
+
+def configure_tracking(handlers: Sequence, params: dict) -> None:
+    """Set up the MLFlowHandler that ``--tracking mlflow`` adds to ``handlers`` (none: nothing to do).
+
+    The handler records ``params`` (the run's settings) as MLflow parameters and reads the loss of every
+    iteration with :func:`loss_value`. Call it in a bundle's ``initialize``, before the trainer runs.
+    """
+    from monai.handlers import MLFlowHandler
+
+    for handler in handlers:
+        if isinstance(handler, MLFlowHandler):
+            handler.experiment_param = {**(handler.experiment_param or {}), **params}
+            handler.output_transform = loss_value
 
 
 class LossLog:
@@ -93,7 +164,7 @@ class LossLog:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def record(self, engine: Engine) -> None:
-        self.losses.append(engine.state.output["loss"].detach().item())
+        self.losses.append(loss_value(engine.state.output))
 
     def summary(self, engine: Engine) -> dict:
         """Return first and final loss (mean of the first/last ``tail`` iterations of this run) and timing."""
@@ -114,19 +185,52 @@ class LossLog:
         os.replace(tmp, self.path)
 
 
-class ResumableCheckpointSaver:
-    """MONAI ``CheckpointSaver`` factory whose checkpoints also hold the engine it is attached to (for resume).
+def prune_checkpoints(checkpoint_dir: str, n_saved: int | None, level: str = "iteration", current=()) -> list[str]:
+    """Delete all but the newest ``n_saved`` interval checkpoints of ``level`` in ``checkpoint_dir``; return them.
+
+    Newest: the files named in ``current`` (the ones this process wrote), then the highest step. The
+    final checkpoint and checkpoints of other names are kept; ``n_saved=None`` keeps everything.
+    """
+    if n_saved is None:
+        return []
+    found = numbered_checkpoints(checkpoint_dir, level)
+    ranked = sorted(found, key=lambda name: (name in current, found[name]), reverse=True)
+    for name in ranked[n_saved:]:
+        os.remove(os.path.join(checkpoint_dir, name))
+    return ranked[n_saved:]
+
+
+class ResumableCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` whose checkpoints also hold the engine it is attached to, for :func:`resume`.
 
     A config cannot list the trainer in the ``save_dict`` of one of the trainer's own handlers (a
-    circular reference); the engine is added when the handler is attached.
+    circular reference); the engine is added under ``engine_key`` when the handler is attached. After
+    each interval save only the newest ``n_saved`` interval checkpoints stay in ``save_dir``, those of
+    an earlier (interrupted) run included: ignite's ``Checkpoint`` only counts the files it wrote itself.
     """
 
-    def __new__(cls, save_dict: dict, engine_key: str = "trainer", **kwargs):
-        from monai.handlers import CheckpointSaver
+    def __init__(self, save_dir: str, save_dict: dict, engine_key: str = "trainer", **kwargs):
+        super().__init__(save_dir=save_dir, save_dict=dict(save_dict), **kwargs)
+        self.engine_key = engine_key
+        self.written: set[str] = set()
 
-        class _Saver(CheckpointSaver):
-            def attach(self, engine: Engine) -> None:
-                self.save_dict[engine_key] = engine  # ignite's Checkpoint keeps a reference to this dict
-                super().attach(engine)
+    def attach(self, engine: Engine) -> None:
+        self.save_dict[self.engine_key] = engine  # ignite's Checkpoint keeps a reference to this dict
+        super().attach(engine)
 
-        return _Saver(save_dict=dict(save_dict), **kwargs)
+    def interval_completed(self, engine: Engine) -> None:
+        super().interval_completed(engine)
+        checkpoint = self._interval_checkpoint
+        self.written.add(os.path.basename(checkpoint.last_checkpoint))
+        prune_checkpoints(self.save_dir, checkpoint.n_saved, "epoch" if self.epoch_level else "iteration",
+                          self.written)
+
+
+def run_unless_done(trainer: Engine) -> None:
+    """Run ``trainer``, unless the checkpoint it resumed from already finished (ignite would start over)."""
+    state = trainer.state
+    if state.epoch_length and state.max_epochs and state.iteration >= state.epoch_length * state.max_epochs:
+        print(f"training already finished at iteration {state.iteration}; nothing to run "
+              "(use a new --output_dir to train again)", flush=True)
+        return
+    trainer.run()

@@ -3,7 +3,8 @@
 The paper fine-tunes Stable Diffusion's U-Net on ~160k MIMIC-CXR images conditioned on the report's
 impression, with the text encoder frozen and the MS-CXR images held out for evaluation. The bundles
 ``bundles/foba_cxr/configs/{prepare,train}.yaml`` wire these functions to ``foba_med.mimic`` (index,
-dataset), ``foba_core.diffusion`` (the noise-prediction step) and MONAI's ``SupervisedTrainer``.
+dataset), ``foba_core.diffusion`` (the noise-prediction step), ``foba_core.engines`` (resume, gradient
+clipping, loss log, MLflow) and MONAI's ``SupervisedTrainer``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pandas as pd
-import torch
-from ignite.engine import Engine
 
-from foba_core.engines import ClipGradNorm
 from foba_med.mimic import MimicCXRDataset, build_index, read_index
 from foba_med.ms_cxr import CXRPreprocess, ms_cxr_holdout
 from foba_med.phantom import write_phantom_mimic
@@ -146,62 +144,6 @@ def training_dataset(
           f"held out); prompt sources {sources}; {n_cut} prompts truncated to {tokenizer.model_max_length} tokens",
           flush=True)
     return CacheDataset(images, transform=training_transform(image_size), cache_rate=cache_rate, progress=False)
-
-
-def effective_batch(batch_size: int, accumulation_steps: int) -> int:
-    """Return (and print) the effective batch per optimiser step: batch x accumulation steps x processes."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    total = int(batch_size) * int(accumulation_steps) * world
-    print(f"effective batch {total} = batch {batch_size} x accumulation {accumulation_steps} x {world} process(es)",
-          flush=True)
-    return total
-
-
-def optimizer_steps_now(engine: Engine) -> bool:
-    """Return whether MONAI's SupervisedTrainer calls ``optimizer.step()`` at the end of the current iteration."""
-    acc = getattr(engine, "accumulation_steps", 1)
-    local = (engine.state.iteration - 1) % engine.state.epoch_length  # same rule as SupervisedTrainer._iteration
-    return acc == 1 or (local + 1) % acc == 0 or local + 1 == engine.state.epoch_length
-
-
-class StepClipGradNorm(ClipGradNorm):
-    """Handler: clip the accumulated (and, with AMP, unscaled) gradient norm right before the optimiser step."""
-
-    def __call__(self, engine: Engine) -> None:
-        if not optimizer_steps_now(engine):
-            return  # partial sums of an accumulation window are left alone
-        if getattr(engine, "scaler", None) is not None:
-            engine.scaler.unscale_(engine.optimizer)  # clip the true gradient, not the loss-scaled one
-        super().__call__(engine)
-
-
-def loss_value(output: dict) -> float:
-    """Return the scalar training loss of a non-decollated SupervisedTrainer output (for StatsHandler and MLflow)."""
-    return output["loss"].detach().item()
-
-
-def configure_tracking(handlers: Sequence, params: dict) -> None:
-    """Set up the MLFlowHandler that ``--tracking mlflow`` adds to ``handlers`` (if any): run parameters and loss curve.
-
-    MONAI's default tracking settings read the loss of a decollated output; this trainer keeps its output
-    as one dict (``decollate=False``), so the handler is given :func:`loss_value` instead.
-    """
-    from monai.handlers import MLFlowHandler
-
-    for handler in handlers:
-        if isinstance(handler, MLFlowHandler):
-            handler.experiment_param = {**(handler.experiment_param or {}), **params}
-            handler.output_transform = loss_value
-
-
-def run_unless_done(trainer: Engine) -> None:
-    """Run ``trainer``, unless the checkpoint it resumed from already finished (ignite would start over)."""
-    state = trainer.state
-    if state.epoch_length and state.max_epochs and state.iteration >= state.epoch_length * state.max_epochs:
-        print(f"training already finished at iteration {state.iteration}; nothing to run "
-              "(use a new --output_dir to train again)", flush=True)
-        return
-    trainer.run()
 
 
 def save_finetuned(pipe, folder: str | os.PathLike, image_size: int, train_log: str | os.PathLike | None = None,

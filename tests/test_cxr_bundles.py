@@ -126,10 +126,11 @@ def test_missing_ms_cxr_table_says_how_to_go_on(tmp_path):
 
 
 def test_gradient_clipping_waits_for_the_accumulated_gradient():
-    from foba_med.train import StepClipGradNorm, effective_batch, optimizer_steps_now
+    from foba_core.distributed import effective_batch
+    from foba_core.engines import ClipGradNorm, optimizer_steps_now
 
     param = torch.nn.Parameter(torch.zeros(3))
-    clip = StepClipGradNorm([param], max_norm=1.0)
+    clip = ClipGradNorm([param], max_norm=1.0)
     engine = types.SimpleNamespace(accumulation_steps=3, scaler=None,
                                    state=types.SimpleNamespace(iteration=0, epoch_length=7))
     steps = []
@@ -168,7 +169,7 @@ def test_finetuning_lowers_the_loss_tracks_mlflow_resumes_and_saves_the_model(ph
     settings = dict(mimic_dir=phantom, pretrained=tiny_sd, output_dir=out, max_steps=150, batch_size=8, lr=2e-3,
                     warmup_steps=10, checkpoint_interval=30, tracking="mlflow")
     wf = _workflow(TRAIN, **settings)
-    assert "effective batch 8 = batch 8 x accumulation 1 x 1 process(es)" in capsys.readouterr().out
+    assert "effective batch 8 = batch 8 per process x 1 process(es) x 1 accumulation step(s)" in capsys.readouterr().out
     trainer = wf.parser.get_parsed_content("train#trainer")
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=70), lambda e: e.terminate())  # an interruption
     wf.run()

@@ -1,4 +1,7 @@
-"""Engine helpers: resume from the latest checkpoint, including extending a finished run."""
+"""Engine helpers: resume (extending a finished run), pruning old checkpoints, gradient clipping under AMP."""
+
+import os
+from types import SimpleNamespace
 
 import torch
 from ignite.engine import Engine, Events
@@ -39,3 +42,65 @@ def test_resume_continues_an_interrupted_run_and_extends_a_finished_one(tmp_path
 def test_no_checkpoint_means_a_fresh_start(tmp_path):
     assert latest_checkpoint(str(tmp_path / "missing")) is None
     assert resume(str(tmp_path), {"trainer": _engine(2, [])}) is None
+
+
+def _run_with_saver(folder, steps, stop, n_saved=2):
+    """Resume from ``folder`` and run ``steps`` iterations, a checkpoint every 2, interrupted after ``stop``."""
+    from foba_core.engines import ResumableCheckpointSaver
+
+    engine, net = _engine(steps, []), torch.nn.Linear(1, 1)
+    resume(str(folder), {"trainer": engine, "net": net})
+    ResumableCheckpointSaver(save_dir=str(folder), save_dict={"net": net}, save_interval=2, epoch_level=False,
+                             n_saved=n_saved).attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED(once=stop), lambda e: e.terminate())  # an interruption
+    engine.run(range(100), max_epochs=1, epoch_length=steps)
+
+
+def test_checkpoint_saver_keeps_the_newest_n_saved_across_resumes(tmp_path):
+    _run_with_saver(tmp_path, 10, stop=5)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_iteration=2.pt", "checkpoint_iteration=4.pt"]
+    _run_with_saver(tmp_path, 10, stop=7)  # saves 6: the first run's 2 goes
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_iteration=4.pt", "checkpoint_iteration=6.pt"]
+    _run_with_saver(tmp_path, 10, stop=10)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_iteration=10.pt", "checkpoint_iteration=8.pt"]
+
+
+def test_checkpoint_saver_prefers_its_own_checkpoints_to_stale_ones(tmp_path):
+    from foba_core.engines import ResumableCheckpointSaver
+
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "checkpoint_iteration=100.pt").write_bytes(b"an abandoned run")
+    (stale / "checkpoint_final_iteration.pt").write_bytes(b"kept: not an interval checkpoint")
+    engine, net = _engine(4, []), torch.nn.Linear(1, 1)
+    ResumableCheckpointSaver(save_dir=str(stale), save_dict={"net": net}, save_interval=2, epoch_level=False,
+                             n_saved=1).attach(engine)
+    engine.run(range(100), max_epochs=1, epoch_length=4)  # no resume: a fresh run in an old folder
+    assert sorted(os.listdir(stale)) == ["checkpoint_final_iteration.pt", "checkpoint_iteration=4.pt"]
+
+
+def test_gradient_clipping_unscales_amp_gradients_first():
+    from foba_core.engines import ClipGradNorm
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale((param * torch.tensor([3.0, 4.0])).sum()).backward()  # true gradient (3, 4), norm 5
+    engine = SimpleNamespace(accumulation_steps=1, scaler=scaler, optimizer=optimizer,
+                             state=SimpleNamespace(iteration=1, epoch_length=1))
+    ClipGradNorm([param], max_norm=1.0)(engine)
+    torch.testing.assert_close(param.grad, torch.tensor([0.6, 0.8]))  # the true gradient, clipped to norm 1
+    scaler.step(optimizer)  # does not unscale a second time
+    torch.testing.assert_close(param.detach(), torch.tensor([-0.6, -0.8]))
+
+
+def test_optimizer_steps_follow_the_accumulation_windows():
+    from foba_core.engines import optimizer_steps_now
+
+    def steps(acc, epoch_length, n):
+        return [optimizer_steps_now(SimpleNamespace(accumulation_steps=acc, state=SimpleNamespace(
+            iteration=it, epoch_length=epoch_length))) for it in range(1, n + 1)]
+
+    assert steps(1, 3, 3) == [True, True, True]
+    assert steps(2, 3, 6) == [False, True, True, False, True, True]  # the last micro-batch of an epoch steps
+    assert steps(2, None, 4) == [False, True, False, True]  # no epoch length: every 2nd

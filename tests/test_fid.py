@@ -83,6 +83,15 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     assert fid(net, images, other) < shifted[2]  # another sample of the same world is closer than a strong shift
 
 
+def test_frechet_distance_of_identical_feature_sets_is_never_negative():
+    from foba_core import metrics
+
+    for seed in range(20):  # the closed form rounds to about -1e-14 for several of these before the clamp
+        features = torch.randn(50, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        stats = metrics.feature_statistics(features)
+        assert 0.0 <= metrics.frechet_distance(*stats, *stats) < 1e-9
+
+
 def test_object_score_is_one_minus_the_background_probability():
     net = scripted_toy_net()
     images = torch.rand(4, 3, 32, 32)
