@@ -28,7 +28,7 @@ from foba_med.ms_cxr import MS_CXR_FILE
 from foba_med.vocabulary import CATEGORIES
 
 STAMP_FILE = "phantom.json"
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2  # 2: "Left upper lung opacity" (was "Opacity in the left upper lung")
 _SEVERITY = {
     "Pleural Effusion": ("small", "moderate", "large"),
     "Pneumothorax": ("small", "moderate", "large"),
@@ -59,7 +59,7 @@ class PhantomFinding:
             "Cardiomegaly": f"{sev} cardiomegaly",
             "Consolidation": f"{side} {zone} lobe consolidation",
             "Edema": f"{sev} pulmonary edema",
-            "Lung Opacity": f"opacity in the {side} {zone} lung",
+            "Lung Opacity": f"{side} {zone} lung opacity",
             "Pleural Effusion": f"{sev} {side} pleural effusion",
             "Pneumonia": f"{side} {zone} lobe pneumonia",
             "Pneumothorax": f"{sev} {side} apical pneumothorax",
