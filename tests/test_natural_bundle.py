@@ -158,3 +158,51 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path)
     merged = pd.read_csv(tmp_path / "table3.csv", keep_default_na=False)
     assert merged["dataset"].tolist() == ["cub", "dogs"]
     assert "Stanford Dogs FID ↓" in (tmp_path / "table3.md").read_text()
+
+
+
+def test_recipe_command_line_values_reach_the_stage_configs_as_the_pipeline_passes_them():
+    """docs/README.md "Several GPUs (torchrun)": Fire reads True/False as booleans, false/null as strings, and
+    monai.bundle drops None; '$None' is how the command line sets n_images to null (every image, as max_images null)."""
+    from fire.parser import DefaultParseValue
+    from monai.bundle import ConfigParser
+    from monai.bundle.scripts import update_kwargs
+
+    assert DefaultParseValue("True") is True and DefaultParseValue("False") is False
+    assert DefaultParseValue("false") == "false" and DefaultParseValue("null") == "null"
+    assert "n_images" not in update_kwargs(n_images=DefaultParseValue("None"))  # masks.yaml's 256 would apply
+    parser = ConfigParser({"n_images": 256})
+    parser.update(update_kwargs(n_images=DefaultParseValue("$None")))
+    assert parser.get_parsed_content("n_images") is None
+
+@pytest.mark.slow
+def test_stage1_and_finetuning_under_torchrun_are_reused_by_the_pipeline(tmp_path):
+    """docs/README.md "Several GPUs (torchrun)": stage 1 (training split) and fine-tuning with 2 processes, with the
+    arguments ConceptDistillation passes, into OUT/stage1_train and OUT/finetune; pipeline.yaml then reads them back."""
+    from test_distributed import TOY, _torchrun
+    from tiny_sd import save_tiny_sd
+
+    save_tiny_sd(tmp_path / "sd")
+    make_cub(tmp_path / "cub")
+    out = tmp_path / "runs" / "cub"
+    common = [f"--pretrained={tmp_path / 'sd'}", "--dataset=cub", f"--dataset_dir={tmp_path / 'cub'}", "--seed=0"]
+    _torchrun([os.path.join(TOY, "masks.yaml"), os.path.join(TOY, "multi_gpu_masks.yaml")], tmp_path, *common,
+              "--split=train", "--n_images=$None", "--word=bird", f"--t0={TINY['t0']}", "--dtype=float32",
+              f"--batch_size={TINY['stage1_batch_size']}", f"--output_dir={out / 'stage1_train'}")
+    stdout = _torchrun([os.path.join(TOY, "finetune.yaml"), os.path.join(TOY, "multi_gpu_finetune.yaml")], tmp_path,
+                       *common, f"--stage1={out / 'stage1_train' / 'stage1.pt'}",
+                       f"--max_steps={TINY['finetune_steps']}", f"--batch_size={TINY['finetune_batch_size'] // 2}",
+                       "--lr=0.0001", "--gradient_checkpointing=True", "--amp=False", "--amp_dtype=bfloat16",
+                       f"--output_dir={out / 'finetune'}")
+    assert "effective batch 2 = batch 1 per process x 2 process(es)" in stdout  # the pipeline's batch of 2
+    assert torch.load(out / "stage1_train" / "stage1.pt", weights_only=False)["m_pre"].shape == (2, 8, 8)
+    model_time = os.path.getmtime(out / "finetune" / "model" / "model_index.json")
+
+    _run(dataset="cub", dataset_dir=str(tmp_path / "cub"), pretrained=str(tmp_path / "sd"), output_dir=str(out))
+    timings = json.loads((out / "timings.json").read_text())["timings"]
+    assert "stage1_test" in timings and "stage1_train" not in timings and "finetune" not in timings  # reused
+    assert os.path.getmtime(out / "finetune" / "model" / "model_index.json") == model_time
+    finetuned = json.loads((out / "finetune" / "model" / "foba.json").read_text())
+    assert finetuned["finetune"]["training"]["iterations"] == TINY["finetune_steps"]
+    table = pd.read_csv(out / "table3.csv", keep_default_na=False)
+    assert table.loc[0, "dataset"] == "cub" and (table.loc[0, "n_train"], table.loc[0, "n_test"]) == (2, 1)

@@ -7,6 +7,7 @@ import warnings
 import pytest
 
 PRETRAIN = os.path.join(os.path.dirname(__file__), "..", "bundles", "foba_toy", "configs", "pretrain.yaml")
+MASKS = os.path.join(os.path.dirname(__file__), "..", "bundles", "foba_toy", "configs", "masks.yaml")
 
 
 def _experiment_runs(store, name: str) -> tuple:
@@ -40,3 +41,20 @@ def test_pretraining_logs_its_parameters_and_loss_curve_to_mlflow(tmp_path):
     assert [step for step, _ in curve] == [1, 2, 3, 4, 5]  # one point per iteration
     losses = json.loads((tmp_path / "train_log.json").read_text())["losses"]
     assert [value for _, value in curve] == pytest.approx(losses)
+
+
+def test_stage1_bundle_logs_the_metrics_it_writes_to_mlflow(tmp_path):
+    from monai.bundle import ConfigWorkflow
+    from tiny_sd import save_tiny_sd
+
+    save_tiny_sd(tmp_path / "model", seed=0, text_attention_mask=True)
+    out = tmp_path / "out"
+    wf = ConfigWorkflow(config_file=MASKS, workflow_type="infer", tracking="mlflow", output_dir=str(out),
+                        pretrained=str(tmp_path / "model"), n_images=4, batch_size=2, timesteps=[501, 1], n_overlays=2)
+    wf.initialize()
+    wf.run()
+    written = json.loads((out / "metrics.json").read_text())
+    _, runs = _experiment_runs(out / "mlruns.db", "foba_toy_masks")
+    assert len(runs) == 1
+    for key in ("auc_roc", "iou_pre", "miou_pre"):
+        assert runs[0].data.metrics[key] == pytest.approx(written[key])
