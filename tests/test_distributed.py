@@ -419,6 +419,9 @@ def test_two_process_training_resumes_from_its_last_checkpoint(cxr_two_process_r
     folder = tmp_path / "run"
     shutil.copytree(first, folder)
     before = UNet2DConditionModel.from_pretrained(folder / "model" / "unet").state_dict()
+    # what a run killed after its checkpoint at iteration 2 leaves behind: no final checkpoint, no model folder
+    os.remove(folder / "checkpoints" / "checkpoint_final_iteration.pt")
+    shutil.rmtree(folder / "model")
     out = _torchrun([os.path.join(CXR, "train.yaml"), os.path.join(CXR, "multi_gpu_train.yaml")], tmp_path, *args,
                     "--max_steps=3", f"--output_dir={folder}")
     assert f"resumed from {folder / 'checkpoints' / 'checkpoint_iteration=2.pt'} at iteration 2" in out
