@@ -156,9 +156,9 @@ class AttentionCapture:
         procs = {}
         for name, proc in self._original.items():
             procs[name] = _CaptureProcessor(self, name.rsplit(".processor", 1)[0]) if ".attn2." in name + "." else proc
-        if not any(isinstance(p, _CaptureProcessor) for p in procs.values()):
-            raise ValueError("this U-Net has no cross-attention layers (attn2) to capture")
         self._n_layers = sum(isinstance(p, _CaptureProcessor) for p in procs.values())
+        if not self._n_layers:
+            raise ValueError("this U-Net has no cross-attention layers (attn2) to capture")
         self.unet.set_attn_processor(procs)  # (diffusers empties the dict it is given)
         return self
 

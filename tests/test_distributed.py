@@ -313,6 +313,18 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def _run_single_and_sharded(config: str, override: str, settings: dict, tmp_path) -> None:
+    """Run an inference ``config`` in this process into tmp_path/single, then over 2 torchrun ranks into .../sharded."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=config, workflow_type="infer", output_dir=str(tmp_path / "single"), **settings)
+    wf.initialize()
+    with one_thread():
+        wf.run()
+    args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in settings.items()]
+    _torchrun([config, override], tmp_path, *args, f"--output_dir={tmp_path / 'sharded'}")
+
+
 @pytest.fixture(scope="module")
 def tiny_sd_folder(tmp_path_factory):
     from tiny_sd import save_tiny_sd
@@ -324,18 +336,10 @@ def tiny_sd_folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sharded_stage1_bundle_writes_what_one_process_writes(tiny_sd_folder, tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    masks = os.path.join(TOY, "masks.yaml")
     settings = {"pretrained": str(tiny_sd_folder), "n_images": 7, "batch_size": 3, "timesteps": [501, 1],
                 "n_overlays": 5}
-    wf = ConfigWorkflow(config_file=masks, workflow_type="infer", output_dir=str(tmp_path / "single"), **settings)
-    wf.initialize()
-    with one_thread():
-        wf.run()
-    args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in settings.items()]
-    _torchrun([masks, os.path.join(TOY, "multi_gpu_masks.yaml")], tmp_path, *args,
-              f"--output_dir={tmp_path / 'sharded'}")
+    _run_single_and_sharded(os.path.join(TOY, "masks.yaml"), os.path.join(TOY, "multi_gpu_masks.yaml"), settings,
+                            tmp_path)
     single, sharded = torch.load(tmp_path / "single" / "stage1.pt"), torch.load(tmp_path / "sharded" / "stage1.pt")
     assert single["ids"] == sharded["ids"] and len(single["ids"]) == 7
     torch.testing.assert_close(sharded["heatmaps"], single["heatmaps"], rtol=0, atol=1e-6)
@@ -355,18 +359,10 @@ def phantom(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sharded_ms_cxr_evaluation_writes_what_one_process_writes(tiny_sd_folder, phantom, tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    evaluate = os.path.join(CXR, "evaluate.yaml")
     settings = {"model_dir": str(tiny_sd_folder), "mimic_dir": str(phantom), "timesteps": [501, 101],
                 "batch_size": 2, "n_overlays": 1}
-    wf = ConfigWorkflow(config_file=evaluate, workflow_type="infer", output_dir=str(tmp_path / "single"), **settings)
-    wf.initialize()
-    with one_thread():
-        wf.run()
-    args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in settings.items()]
-    _torchrun([evaluate, os.path.join(CXR, "multi_gpu_evaluate.yaml")], tmp_path, *args,
-              f"--output_dir={tmp_path / 'sharded'}")
+    _run_single_and_sharded(os.path.join(CXR, "evaluate.yaml"), os.path.join(CXR, "multi_gpu_evaluate.yaml"),
+                            settings, tmp_path)
     for name in ("auc_per_disease.csv", "auc_per_disease.md", "auc_per_token.csv", "per_image.csv"):
         assert (tmp_path / "sharded" / name).read_text() == (tmp_path / "single" / name).read_text(), name
     overlays = sorted(os.listdir(tmp_path / "single" / "overlays"))
