@@ -254,7 +254,9 @@ def rows_per_chunk(unet, latent_hw: tuple[int, int], seq_len: int, budget_bytes:
     # Activations kept alive at one time are a few feature maps per resolution level, plus the
     # largest attention score matrix (self-attention on CPU forms it; cross-attention always does).
     feats = sum(12 * c * math.ceil(h / 2**k) * math.ceil(w / 2**k) for k, c in enumerate(channels))
-    heads = max(1, channels[0] // unet.config.attention_head_dim) if isinstance(unet.config.attention_head_dim, int) else 8
+    # UNet2DConditionModel takes num_attention_heads, or else attention_head_dim, as the number of heads.
+    heads = unet.config.num_attention_heads or unet.config.attention_head_dim
+    heads = max(heads) if isinstance(heads, (list, tuple)) else int(heads)
     attn = heads * (h * w) * max(h * w, seq_len)
     return max(1, int(budget_bytes // ((feats + attn) * itemsize)))
 

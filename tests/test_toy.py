@@ -45,6 +45,26 @@ def test_toy_items_follow_the_dataset_convention_and_labels_are_exact():
         ToyWorld("holdout")
 
 
+def test_background_fraction_adds_object_free_scenes_and_keeps_the_others():
+    from foba_core.toy.world import BACKGROUND_PROMPT
+
+    plain, mixed = ToyWorld("train", size=200, seed=0), ToyWorld("train", size=200, seed=0, background_fraction=0.3)
+    backgrounds = [i for i in range(200) if mixed[i]["label"] == "background"]
+    assert 40 <= len(backgrounds) <= 80  # ~30 % of 200
+    for i in range(200):
+        item = mixed[i]
+        if i in backgrounds:
+            assert item["caption"] == BACKGROUND_PROMPT and not item["mask"].any()
+            assert item["boxes"].shape == (0, 4) and item["image"].shape == (3, 32, 32)
+            assert item["image"].std() > 0.01 and item["id"] == plain[i]["id"]  # a texture, same id scheme
+        else:  # the object scenes are exactly those of background_fraction=0
+            assert torch.equal(item["image"], plain[i]["image"]) and item["caption"] == plain[i]["caption"]
+    again = ToyWorld("train", size=200, seed=0, background_fraction=0.3)
+    assert torch.equal(again[backgrounds[0]]["image"], mixed[backgrounds[0]]["image"])
+    with pytest.raises(ValueError, match="background_fraction"):
+        ToyWorld("train", background_fraction=1.0)
+
+
 def test_toy_tokenizer_is_deterministic_and_keeps_the_object_words_whole(tmp_path):
     from foba_core.toy.ldm import build_tokenizer, learn_bpe, tokenizer_corpus
 

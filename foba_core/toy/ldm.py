@@ -37,7 +37,7 @@ class ToyLDMConfig:
     latent_channels: int = 4
     unet_channels: tuple[int, ...] = (32, 64)
     unet_layers_per_block: int = 1
-    attention_head_dim: int = 8
+    attention_head_dim: int = 8  # diffusers passes it on as the number of heads (head widths 4 and 8 here)
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 2

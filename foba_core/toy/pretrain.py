@@ -19,10 +19,11 @@ def _stack(dataset, indices) -> tuple[torch.Tensor, list[str]]:
 
 def train_vae(vae, dataset, steps: int = 400, batch_size: int = 64, lr: float = 1e-3, kl_weight: float = 1e-6,
               seed: int = 0, device="cpu") -> list[float]:
-    """Train the AutoencoderKL on reconstruction + a small KL term; return the loss per step."""
+    """Train the AutoencoderKL on reconstruction + a small KL term (lr cosine-annealed to 0); return the loss per step."""
     gen = torch.Generator().manual_seed(seed)
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     losses = []
     for _ in tqdm(range(steps), desc="toy VAE", mininterval=5):
         idx = torch.randint(len(dataset), (batch_size,), generator=gen)
@@ -34,6 +35,7 @@ def train_vae(vae, dataset, steps: int = 400, batch_size: int = 64, lr: float = 
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
         losses.append(loss.detach().item())
     vae.eval().requires_grad_(False)
     return losses

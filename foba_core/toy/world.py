@@ -118,15 +118,23 @@ class ToyWorld(torch.utils.data.Dataset):
 
     Item ``i`` of split ``s`` is generated from ``SeedSequence([seed, s, i])``: the same ``seed``
     gives the same scenes, and the train, val and test splits never share a generator stream.
+
+    With ``background_fraction`` > 0, that fraction of the items (chosen from a stream of their own,
+    so the other items stay the scenes of ``background_fraction=0``) is a background without an
+    object: label "background", caption y_b, an empty mask and no boxes. The toy LDM's pretraining
+    uses them so that y_b means what it means to a foundation model (paper Sec. 3).
     """
 
     def __init__(self, split: str = "train", size: int | None = None, image_size: int = 32, seed: int = 0,
-                 classes: tuple[str, ...] | None = None):
+                 classes: tuple[str, ...] | None = None, background_fraction: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         self.split, self.image_size, self.seed = split, int(image_size), int(seed)
         self.size = int(size) if size is not None else {"train": 30000, "val": 512, "test": 256}[split]
         self.classes = tuple(classes) if classes is not None else OBJECT_CLASSES
+        if not 0.0 <= float(background_fraction) < 1.0:
+            raise ValueError(f"background_fraction must be in [0, 1), got {background_fraction!r}")
+        self.background_fraction = float(background_fraction)
         for c in self.classes:
             if c not in OBJECT_CLASSES:
                 raise ValueError(f"unknown toy object class {c!r}; expected some of {OBJECT_CLASSES}")
@@ -137,7 +145,10 @@ class ToyWorld(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for a toy split of {self.size} items")
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS[self.split], int(index)]))
+        key = [self.seed, SPLITS[self.split], int(index)]
+        if self.background_fraction and np.random.default_rng(key + [1]).uniform() < self.background_fraction:
+            return self._background_item(index, np.random.default_rng(key + [2]))
+        rng = np.random.default_rng(np.random.SeedSequence(key))
         name = self.classes[int(rng.integers(len(self.classes)))]
         scene = make_scene(rng, self.image_size, name=name)
         return {
@@ -147,5 +158,18 @@ class ToyWorld(torch.utils.data.Dataset):
             "caption": object_prompt(name),
             "label": name,
             "background": scene["background"],
+            "id": f"toy-{self.split}-{self.seed}-{index:06d}",
+        }
+
+    def _background_item(self, index: int, rng: np.random.Generator) -> dict:
+        kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        image = _background(kind, self.image_size, rng)
+        return {
+            "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
+            "mask": torch.zeros(self.image_size, self.image_size, dtype=torch.bool),
+            "boxes": torch.zeros(0, 4, dtype=torch.int64),
+            "caption": BACKGROUND_PROMPT,
+            "label": "background",
+            "background": kind,
             "id": f"toy-{self.split}-{self.seed}-{index:06d}",
         }
