@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -133,6 +134,9 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path)
     assert len(os.listdir(cub / "stages" / "refine_train")) == 2  # one cached chunk per image (chunk_size 1)
     for picture in ("mask_grid.png", "backgrounds.png", "guidance_strip.png", "table3.md", "results.md"):
         assert (cub / picture).is_file()
+    throughput = re.search(r"Refinement throughput: ([0-9.]+) s per image \((\d+) images, DDIMScheduler with (\d+) steps",
+                           (cub / "results.md").read_text())
+    assert throughput and float(throughput[1]) > 0 and int(throughput[2]) == 3  # 2 train + 1 test images
 
     model_time = os.path.getmtime(cub / "finetune" / "model" / "model_index.json")
     _run(dataset="cub", dataset_dir=str(tmp_path / "cub"), pretrained=str(tmp_path / "sd"), output_dir=str(cub),
@@ -140,6 +144,7 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path)
     assert json.loads((cub / "timings.json").read_text())["timings"] == {}
     assert os.path.getmtime(cub / "finetune" / "model" / "model_index.json") == model_time
     assert pd.read_csv(cub / "results.csv").equals(results)
+    assert "Refinement throughput: not measured" in (cub / "results.md").read_text()
 
     dogs = tmp_path / "runs" / "dogs"
     _run(dataset="dogs", dataset_dir=str(tmp_path / "dogs"), pretrained=str(tmp_path / "sd"), output_dir=str(dogs),

@@ -115,3 +115,15 @@ def test_pretraining_lowers_the_loss_resumes_and_saves_an_sd_folder(tmp_path):
     assert abs(pipe.vae.config.scaling_factor - 1.0) > 1e-6  # set from the latent std
     foba = json.loads((tmp_path / "model" / "foba.json").read_text())
     assert foba["training"]["iterations"] == 60
+    # cross-attention where ToyLDMConfig.cross_attention_levels says (the 8x8 level), as the saved config records
+    assert pipe.unet.config.down_block_types == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    assert pipe.unet.config.up_block_types == ["CrossAttnUpBlock2D", "UpBlock2D"]
+    assert foba["toy_ldm_config"]["cross_attention_levels"] == [False, True]
+
+
+def test_toy_ldm_config_needs_one_attention_flag_per_level(tmp_path):
+    from foba_core.toy.ldm import ToyLDMConfig, build_components
+
+    for levels in ((False, False), (True,)):
+        with pytest.raises(ValueError, match="cross_attention_levels"):
+            build_components(ToyLDMConfig(cross_attention_levels=levels), str(tmp_path / "tok"))
