@@ -78,7 +78,7 @@ def train_toy_feature_network(world, steps: int = 1500, seed: int = 0, out_path=
     background-only images of the toy world's textures (class ``"background"``), as many as an object
     class on average. Saved atomically to ``out_path`` when given.
     """
-    from foba_core.toy.world import BACKGROUNDS, _background
+    from foba_core.toy.world import random_background
 
     classes = [*world.classes, BACKGROUND_CLASS]
     size = world.image_size
@@ -94,8 +94,7 @@ def train_toy_feature_network(world, steps: int = 1500, seed: int = 0, out_path=
     n_background = max(1, batch_size // len(classes))
     for _ in range(steps):
         items = [world[int(i)] for i in rng.integers(len(world), size=batch_size - n_background)]
-        backgrounds = [_background(BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))], size, rng)
-                       for _ in range(n_background)]  # (H, W, 3) each
+        backgrounds = [random_background(rng, size)[1] for _ in range(n_background)]  # (H, W, 3) each
         images = torch.cat([torch.stack([it["image"] for it in items]),
                             torch.from_numpy(np.stack(backgrounds)).permute(0, 3, 1, 2)])  # (B, 3, H, W)
         labels = torch.tensor([classes.index(it["label"]) for it in items] + [len(classes) - 1] * n_background)

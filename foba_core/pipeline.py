@@ -440,7 +440,7 @@ class ConceptDistillation:
             ref_train = self.refine(pipe, train)
             evaluate("M_refined", self.refine(pipe, test))
             evaluate("M_crop", self.crop(test))
-            log({"refine_seconds_per_image": self.refinement_seconds_per_image()})
+            log({"refine_seconds_per_image": self.refinement_speed()[1]})
         evaluate("M_pre", upsample_mask(test.m_pre, (self.size, self.size)))
 
         with self._stage("synthetic", {"n": self.n_synthetic, "w": 1.0}):
@@ -546,19 +546,19 @@ class ConceptDistillation:
             "n_train": n_train, "n_test": n_test,
         }
 
-    def refinement_seconds_per_image(self) -> float:
-        """Seconds per image of the refinement (inpainting + Eq. 5) over the images refined in this run (NaN if none)."""
+    def refinement_speed(self) -> tuple[int, float]:
+        """Return (images refined in this run, seconds per image of inpainting + Eq. 5; NaN when none)."""
         names = ("refine_train", "refine_test")
         n = sum(self.computed.get(k, 0) for k in names)
-        return sum(self.timings.get(k, 0.0) for k in names) / n if n else float("nan")
+        return n, sum(self.timings.get(k, 0.0) for k in names) / n if n else float("nan")
 
     def refinement_throughput(self) -> str:
         """One line for results.md: refinement speed with its scheduler and step count."""
-        n = sum(self.computed.get(k, 0) for k in ("refine_train", "refine_test"))
+        n, seconds = self.refinement_speed()
         if not n:
             return "Refinement throughput: not measured (every refined mask was loaded from an earlier run)."
-        return (f"Refinement throughput: {self.refinement_seconds_per_image():.3f} s per image ({n} images, "
-                f"{self.scheduler} with {self.inference_steps} steps, batch {self.refine_batch_size}, on {self.device}).")
+        return (f"Refinement throughput: {seconds:.3f} s per image ({n} images, {self.scheduler} with "
+                f"{self.inference_steps} steps, batch {self.refine_batch_size}, on {self.device}).")
 
     def write(self, rows, fids, shown, test: Split, n_train: int, seconds: float) -> None:
         """Write the results table (CSV + Markdown next to the paper's numbers), FIDs, Table 3 and the mask grid."""

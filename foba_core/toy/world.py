@@ -87,11 +87,19 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 1).astype(np.float32)
 
 
+def random_background(rng: np.random.Generator, size: int = 32) -> tuple[str, np.ndarray]:
+    """Draw a background kind and return it with its texture (size, size, 3) in [0, 1]."""
+    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    return kind, _background(kind, size, rng)
+
+
 def make_scene(rng: np.random.Generator, size: int = 32, name: str | None = None, background: str | None = None) -> dict:
     """Return one scene: image (H, W, 3) float, mask (H, W) bool, box, object class and background kind."""
     name = name if name is not None else OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
-    background = background if background is not None else BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    bg = _background(background, size, rng)
+    if background is None:
+        background, bg = random_background(rng, size)
+    else:
+        bg = _background(background, size, rng)
     r = rng.uniform(0.2, 0.36) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     poly = _shape_polygon(name, cx, cy, r, rng.uniform(0, 2 * math.pi))
@@ -158,12 +166,14 @@ class ToyWorld(torch.utils.data.Dataset):
             "caption": object_prompt(name),
             "label": name,
             "background": scene["background"],
-            "id": f"toy-{self.split}-{self.seed}-{index:06d}",
+            "id": self._item_id(index),
         }
 
+    def _item_id(self, index: int) -> str:
+        return f"toy-{self.split}-{self.seed}-{index:06d}"
+
     def _background_item(self, index: int, rng: np.random.Generator) -> dict:
-        kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-        image = _background(kind, self.image_size, rng)
+        kind, image = random_background(rng, self.image_size)
         return {
             "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
             "mask": torch.zeros(self.image_size, self.image_size, dtype=torch.bool),
@@ -171,5 +181,5 @@ class ToyWorld(torch.utils.data.Dataset):
             "caption": BACKGROUND_PROMPT,
             "label": "background",
             "background": kind,
-            "id": f"toy-{self.split}-{self.seed}-{index:06d}",
+            "id": self._item_id(index),
         }
