@@ -4,6 +4,7 @@ The trainer is MONAI's own ``SupervisedTrainer`` with ``network=unet``: ``Diffus
 ``prepare_batch`` (it draws latent-shaped noise and timesteps, so MONAI's image-shaped
 ``DiffusionPrepareBatch`` is not used) and ``noise_loss`` its ``loss_function``. The same pieces
 serve toy pretraining, the foreground/background fine-tuning and the MIMIC-CXR fine-tuning.
+``to_diffusion_latents`` / ``to_vae_latents`` are the one place where VAE latents are normalised.
 """
 
 from __future__ import annotations
@@ -11,6 +12,35 @@ from __future__ import annotations
 import random
 
 import torch
+
+
+def _channel_statistics(vae, like: torch.Tensor):
+    """The VAE config's per-channel latents_mean and latents_std as (1, C, 1, 1) tensors like ``like``; None if unset."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return tuple(torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, 1, 1) for v in (mean, std))
+
+
+def to_diffusion_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """Return the latents the U-Net diffuses (B, C, h, w) from raw VAE latents: the VAE config's normalisation.
+
+    Stable Diffusion 1.x/2.x scale by ``scaling_factor`` only; a VAE config with per-channel
+    ``latents_mean`` / ``latents_std`` (diffusers' SDXL convention, used by the toy LDM) is also
+    centred and whitened per channel: z = (z_raw - mean) * scaling_factor / std.
+    """
+    stats = _channel_statistics(vae, z)
+    if stats is None:
+        return z * vae.config.scaling_factor
+    return (z - stats[0]) * vae.config.scaling_factor / stats[1]
+
+
+def to_vae_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """Return raw VAE latents (B, C, h, w) for the decoder: the inverse of ``to_diffusion_latents``."""
+    stats = _channel_statistics(vae, z)
+    if stats is None:
+        return z / vae.config.scaling_factor
+    return z * stats[1] / vae.config.scaling_factor + stats[0]
 
 
 @torch.no_grad()
@@ -61,11 +91,11 @@ class DiffusionBatch:
         self.calls = int(state["calls"])
 
     def encode_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Return z0 = scaling_factor * a sample of q(z | x) for images in [0, 1]."""
+        """Return z0: a sample of q(z | x) for images in [0, 1], normalised as the U-Net diffuses it."""
         with torch.no_grad():
             dist = self.vae.encode(images * 2 - 1).latent_dist
             noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
-            return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
+            return to_diffusion_latents(self.vae, dist.mean + dist.std * noise)
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from foba_core.models import encode_prompts, make_scheduler
+from foba_core.refine import decode_latents
 from foba_core.toy.world import BACKGROUND_PROMPT
 from foba_core.visualize import save_grid, to_uint8
 
@@ -78,7 +79,7 @@ def sample_images(pipe, n: int, w: float, object_prompt: str, background_prompt:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    unet, vae = pipe.unet, pipe.vae
+    unet = pipe.unet
     device, dtype = unet.device, unet.dtype
     hidden, key_mask = encode_prompts(pipe, [object_prompt, background_prompt], device=device)
     hidden = hidden.to(dtype)  # (2, L, D): y_f, y_b
@@ -98,8 +99,7 @@ def sample_images(pipe, n: int, w: float, object_prompt: str, background_prompt:
         for t in sched.timesteps:
             eps = guided_noise(unet, sched.scale_model_input(z, t), t, hidden[:1], hidden[1:], w, mask_f, mask_b)
             z = sched.step(eps, t, z, **step_kwargs).prev_sample
-        x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample  # (B, 3, H, W) in [-1, 1]
-        images.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
+        images.append(decode_latents(pipe, z).cpu())  # (B, 3, H, W) in [0, 1]
     return torch.cat(images)
 
 

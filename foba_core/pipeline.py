@@ -25,6 +25,7 @@ M_crop, D'_s, FID samples) are stored in chunks of ``chunk_size`` images and res
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -56,7 +57,23 @@ CLASS_WORDS = {"cub": "bird", "dogs": "dog", "cars": "car", "h36m": "human"}  # 
 BOX_DATASETS = ("dogs", "cars", "h36m")  # scored by box IoU (Table 3); the others by pixel ACC / IoU / mIoU
 TOY_FEATURES = "toy"  # fid_network value: train the toy feature network (toy world only)
 FID_NOT_COMPUTED = "not computed (pass --fid_network)"
+VAE_RECONSTRUCTION = "vae_reconstruction"  # fid.csv row: real images encoded and decoded by the VAE alone
 GRID_TILE = 256  # mask-grid tiles are at most this many pixels wide
+_EVERYTHING = "every stage (use a new --output_dir)"
+_AFTER_FINETUNING = "finetune/ and stages/"
+_REFINED = "stages/refine_*, stages/synthetic, stages/fid_w*, stages/samples_w-1.pt, stages/unet_*.pt and unets/"
+_UNETS = "stages/unet_*.pt and unets/"
+SETTING_OUTPUTS = {  # setting -> the outputs of OUT computed with it, which a rerun with another value must not reuse
+    **dict.fromkeys(("pretrained", "pretrained_config", "dataset", "dataset_dir", "word", "n_train", "n_test", "t0",
+                     "seed", "dtype"), _EVERYTHING),
+    **dict.fromkeys(("finetune_steps", "finetune_batch_size", "finetune_lr", "amp", "amp_dtype"), _AFTER_FINETUNING),
+    **dict.fromkeys(("scheduler", "inference_steps"), _REFINED),
+    **dict.fromkeys(("segment_steps", "segment_batch_size", "segment_lr", "segment_crop", "segment_size",
+                     "segment_channels"), _UNETS),
+    "n_synthetic": "stages/synthetic, stages/unet_unet_M_plus_synthetic.pt and unets/unet_M_plus_synthetic",
+    "fid_network": "fid/ and stages/fid_*", "feature_steps": "fid/ and stages/fid_*",
+    "fid_samples": "stages/fid_*", "n_backgrounds": "stages/samples_w-1.pt",
+}
 BUNDLE_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "foba_toy",
                               "configs")  # the stage configs masks.yaml and finetune.yaml serve every dataset
 
@@ -197,6 +214,18 @@ class ConceptDistillation:
         self.n_backgrounds, self.feature_steps = int(n_backgrounds), int(feature_steps)
         self.chunk_size = int(chunk_size)
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.settings = {
+            "pretrained": pretrained, "pretrained_config": pretrained_config, "dataset": dataset,
+            "dataset_dir": dataset_dir, "word": self.word, "n_train": self.n_train, "n_test": self.n_test,
+            "t0": self.t0, "seed": self.seed, "dtype": dtype, "finetune_steps": int(finetune_steps),
+            "finetune_batch_size": int(finetune_batch_size), "finetune_lr": float(finetune_lr), "amp": self.amp,
+            "amp_dtype": amp_dtype, "scheduler": scheduler, "inference_steps": self.inference_steps,
+            "segment_steps": int(segment_steps), "segment_batch_size": int(segment_batch_size),
+            "segment_lr": float(segment_lr), "segment_crop": int(segment_crop), "segment_size": self.segment_size,
+            "segment_channels": list(self.segment_channels), "n_synthetic": self.n_synthetic,
+            "fid_network": fid_network, "feature_steps": self.feature_steps, "fid_samples": self.fid_samples,
+            "n_backgrounds": self.n_backgrounds,
+        }
         self.experiment = experiment_name
         self.tracking = tracking.requested_tracking()
         self.uri = tracking.tracking_uri(self.out, tracking_uri)
@@ -269,6 +298,31 @@ class ConceptDistillation:
         from foba_core.toy.world import object_prompt
 
         return object_prompt(label)
+
+    def check_settings(self) -> None:
+        """Record this run's settings in OUT/settings.json, or raise if OUT holds results of other settings.
+
+        Every stage reuses what OUT already holds, so a rerun with, say, another ``segment_steps`` would
+        silently report the old U-Nets; the error names each changed setting and the outputs it shapes.
+        """
+        path = self.path("settings.json")
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    before = json.load(f)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{path} is unreadable ({err}); delete it if the outputs in {self.out} belong to "
+                                 "the current settings, or use a new --output_dir") from err
+            changed = [k for k, v in self.settings.items() if k in before and before[k] != v]
+            if changed:
+                lines = [f"  {k}: {before[k]!r} before, {self.settings[k]!r} now -> {SETTING_OUTPUTS[k]}"
+                         for k in changed]
+                raise ValueError(f"{self.out} holds results computed with other settings:\n" + "\n".join(lines)
+                                 + "\nDelete those outputs to recompute them (or use a new --output_dir), or rerun "
+                                   "with the settings recorded in settings.json.")
+            if before == self.settings:
+                return
+        write_json(self.settings, path)
 
     # ----------------------------------------------------------------- stages
     def stage1(self, split: str, n: int | None) -> dict:
@@ -423,6 +477,7 @@ class ConceptDistillation:
         from foba_core.preliminary import model_resolution
 
         start = time.perf_counter()
+        self.check_settings()
         train_s1 = self.stage1("train", self.n_train)
         test_s1 = self.stage1("test", self.n_test)
         pipe = load_pipeline(self.finetune(), torch_dtype=self.dtype, device=self.device)
@@ -490,6 +545,7 @@ class ConceptDistillation:
         """
         from foba_core.fid import fid_label, frechet_distance
         from foba_core.metrics import feature_statistics
+        from foba_core.refine import reconstruct
         from foba_core.toy.world import ToyWorld
 
         net = self.feature_network()
@@ -504,12 +560,20 @@ class ConceptDistillation:
             else:
                 if self.dataset == "toy":
                     world = ToyWorld("val", size=self.fid_samples, seed=self.seed)
-                    real = self._chunked("fid_real", self.fid_samples, lambda s, e: self._features(
-                        net, torch.stack([world[i]["image"] for i in range(s, e)])))
+                    n_real = self.fid_samples
+
+                    def real_images(s, e):
+                        return torch.stack([world[i]["image"] for i in range(s, e)])
                 else:
-                    real = self._chunked("fid_real", min(self.fid_samples, len(train)), lambda s, e: self._features(
-                        net, self._load(train, s, e)))
+                    n_real = min(self.fid_samples, len(train))
+
+                    def real_images(s, e):
+                        return self._load(train, s, e)
+                real = self._chunked("fid_real", n_real, lambda s, e: self._features(net, real_images(s, e)))
                 real_stats = feature_statistics(real["features"])
+                # the same real images through the VAE alone: what the decoder lets any sample reach
+                recon = self._chunked("fid_vae_reconstruction", n_real, lambda s, e: self._features(
+                    net, reconstruct(pipe, real_images(s, e))))
                 for w in self.fid_ws:
                     fake = self._chunked(f"fid_w{w:g}", self.fid_samples, lambda s, e, w=w: self._features(
                         net, self.synthesise(pipe, e - s, w, self.seed + s)[0]))
@@ -517,6 +581,11 @@ class ConceptDistillation:
                     if "object_score" in fake:
                         row["object_score"] = float(fake["object_score"].mean())
                     rows.append({**row, "features": label, paper_key: self._paper_fid(w)})
+                row = {"w": VAE_RECONSTRUCTION, "fid": frechet_distance(*real_stats, *feature_statistics(
+                    recon["features"]))}
+                if "object_score" in recon:
+                    row["object_score"] = float(recon["object_score"].mean())
+                rows.append({**row, "features": label, paper_key: None})
                 log({f"fid_w{r['w']}": r["fid"] for r in rows})
                 scored = "object_score" in real
                 n_backgrounds = max(self.n_backgrounds, 6 * 8) if scored else self.n_backgrounds

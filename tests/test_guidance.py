@@ -88,3 +88,4 @@ def test_guidance_strip_draws_one_column_per_scale(pipe, tmp_path):
     width, height = Image.open(path).size
     tile = 128  # 16-pixel samples are enlarged to save_grid's minimum tile size
     assert width == 3 * (tile + 2) + 2 and height == 14 + 2 * (tile + 2) + 2
+

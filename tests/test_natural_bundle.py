@@ -91,6 +91,25 @@ def test_pipeline_refuses_missing_or_mismatched_inputs(tmp_path):
         ConceptDistillation(tmp_path, pretrained="x", dataset="dog", dataset_dir=tmp_path, fid_network=None)
 
 
+def test_pipeline_refuses_to_reuse_outputs_computed_with_other_settings(tmp_path):
+    import json
+
+    from foba_core.pipeline import SETTING_OUTPUTS
+
+    first = ConceptDistillation(tmp_path, segment_steps=1500, fid_network=None)
+    assert set(first.settings) <= set(SETTING_OUTPUTS)  # every recorded setting says which outputs it shapes
+    first.check_settings()
+    assert json.loads((tmp_path / "settings.json").read_text())["segment_steps"] == 1500
+    ConceptDistillation(tmp_path, segment_steps=1500, fid_network=None).check_settings()  # same settings: resumes
+    with pytest.raises(ValueError, match=r"segment_steps: 1500 before, 500 now -> stages/unet_\*\.pt and unets/"):
+        ConceptDistillation(tmp_path, segment_steps=500, fid_network=None).check_settings()
+    with pytest.raises(ValueError, match="t0: 40 before, 20 now -> every stage"):
+        ConceptDistillation(tmp_path, segment_steps=1500, t0=20, fid_network=None).check_settings()
+    (tmp_path / "settings.json").write_text("{not json")
+    with pytest.raises(ValueError, match="settings.json is unreadable"):
+        first.check_settings()
+
+
 TINY = dict(  # every stage, at the size of the tiny model (16 px images, 8x8 latents) and a few steps each
     t0=4, finetune_steps=2, finetune_batch_size=2, inference_steps=2, segment_steps=2, segment_batch_size=2,
     segment_crop=8, segment_size=8, segment_channels=[8, 16], n_synthetic=2, fid_samples=2, n_backgrounds=2,

@@ -157,3 +157,31 @@ def test_crop_masks_recover_an_object_on_a_plain_background():
     masks, filled = crop_masks(images, m_pre)
     assert torch.equal(masks[0], obj)
     assert torch.allclose(filled[0], torch.zeros(3, 16, 16).index_fill_(0, torch.tensor([0]), 0.2))
+
+
+@torch.no_grad()
+def test_latent_normalisation_follows_the_vae_config_and_round_trips():
+    from tiny_sd import tiny_pipeline
+
+    from foba_core.diffusion import to_diffusion_latents, to_vae_latents
+    from foba_core.preliminary import encode_latents
+    from foba_core.refine import decode_latents, reconstruct
+
+    pipe = tiny_pipeline(0)
+    vae = pipe.vae
+    raw = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    assert torch.allclose(to_diffusion_latents(vae, raw), raw * vae.config.scaling_factor)  # SD 1.x/2.x: scaling only
+    mean, std = [0.5, -1.0, 2.0, 0.0], [2.0, 0.5, 1.0, 4.0]
+    vae.register_to_config(latents_mean=mean, latents_std=std, scaling_factor=1.0)
+    z = to_diffusion_latents(vae, raw)
+    expected = (raw - torch.tensor(mean).view(1, 4, 1, 1)) / torch.tensor(std).view(1, 4, 1, 1)
+    assert torch.allclose(z, expected)
+    assert torch.allclose(to_vae_latents(vae, z), raw, atol=1e-6)
+    # every stage goes through them: encoding, decoding (refinement and sampling) and the VAE round trip
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    posterior = vae.encode(images * 2 - 1).latent_dist.mean
+    assert torch.allclose(encode_latents(pipe, images), to_diffusion_latents(vae, posterior), atol=1e-6)
+    zeros = torch.zeros(1, 4, 8, 8)
+    decoded = ((vae.decode(torch.tensor(mean).view(1, 4, 1, 1).expand(1, 4, 8, 8)).sample + 1) / 2).clamp(0, 1)
+    assert torch.allclose(decode_latents(pipe, zeros), decoded, atol=1e-6)  # z = 0 is the mean latent
+    assert torch.allclose(reconstruct(pipe, images), decode_latents(pipe, encode_latents(pipe, images)))

@@ -112,7 +112,14 @@ def test_pretraining_lowers_the_loss_resumes_and_saves_an_sd_folder(tmp_path):
     pipe = load_pipeline(str(tmp_path / "model"))
     assert pipe.text_attention_mask is True
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
-    assert abs(pipe.vae.config.scaling_factor - 1.0) > 1e-6  # set from the latent std
+    # the VAE config centres and whitens the latents per channel: the training images' latents are N(0, 1)-like
+    assert len(pipe.vae.config.latents_mean) == len(pipe.vae.config.latents_std) == pipe.vae.config.latent_channels
+    from foba_core.preliminary import encode_latents
+
+    world = ToyWorld("train", size=256, seed=0, background_fraction=0.15)
+    z = encode_latents(pipe, torch.stack([world[i]["image"] for i in range(256)]))  # (256, C, h, w)
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert (z.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
     foba = json.loads((tmp_path / "model" / "foba.json").read_text())
     assert foba["training"]["iterations"] == 60
     # cross-attention where ToyLDMConfig.cross_attention_levels says (the 8x8 level), as the saved config records

@@ -9,6 +9,7 @@ import shutil
 import torch
 from tqdm.auto import tqdm
 
+from foba_core.diffusion import to_diffusion_latents
 from foba_core.toy.ldm import ToyLDMConfig, config_dict
 
 
@@ -68,7 +69,7 @@ class LatentCaptions(torch.utils.data.Dataset):
 
 def vae_stage(components: dict, dataset, work_dir: str, steps: int = 400, batch_size: int = 64, lr: float = 1e-3,
               seed: int = 0, device="cpu") -> LatentCaptions:
-    """Train (or reload from ``work_dir``) the VAE, set its scaling factor to 1/std(z), return the latent dataset."""
+    """Train (or reload from ``work_dir``) the VAE, set its per-channel latent mean and std, return the latent dataset."""
     vae = components["vae"]
     cache = os.path.join(work_dir, "vae_stage.pt")
     if os.path.exists(cache):
@@ -83,10 +84,12 @@ def vae_stage(components: dict, dataset, work_dir: str, steps: int = 400, batch_
         os.makedirs(work_dir, exist_ok=True)
         torch.save({"vae": vae.state_dict(), "latents": latents, "captions": captions, "losses": losses}, cache + ".tmp")
         os.replace(cache + ".tmp", cache)
-    # Stable Diffusion's convention: latents are scaled to unit variance before diffusion.
-    scaling = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=scaling)
-    return LatentCaptions(latents * scaling, captions)
+    # Latents are diffused centred and at unit variance per channel (diffusers' latents_mean / latents_std).
+    # The toy VAE's channel means lie up to 1.3 standard deviations from 0; with scaling only, sampling from
+    # N(0, I), which lacks that offset, gave every sample the same colour cast.
+    vae.register_to_config(latents_mean=latents.mean(dim=(0, 2, 3)).tolist(),
+                           latents_std=latents.std(dim=(0, 2, 3)).tolist(), scaling_factor=1.0)
+    return LatentCaptions(to_diffusion_latents(vae, latents), captions)
 
 
 def save_toy_model(components: dict, folder: str, cfg: ToyLDMConfig, training_log: str | None = None) -> str:
