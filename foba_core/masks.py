@@ -212,18 +212,34 @@ def flip_crop_inpaint(image: torch.Tensor, m_pre_up: torch.Tensor) -> torch.Tens
     return out
 
 
+GMM_FITS = ("m_pre", "image")
+
+
 def refined_mask(
-    image: torch.Tensor, inpainted: torch.Tensor, m_pre_up: torch.Tensor, random_state: int | None = 0
+    image: torch.Tensor, inpainted: torch.Tensor, m_pre_up: torch.Tensor, random_state: int | None = 0,
+    fit: str = "m_pre",
 ) -> torch.Tensor:
     """Return the refined mask M = M_pre,up ⊙ g(|x − x̂|) of Eq. 5 (bool (H, W)).
 
-    |x − x̂| is the absolute difference averaged over channels; g is the two-component GMM with the
-    higher-difference component as foreground, fitted on the whole difference map.
+    |x − x̂| is the absolute difference averaged over channels; ``inpainted`` is one inpainting x̂
+    (C, H, W) or K of them (K, C, H, W), whose differences are averaged: an estimate of the expected
+    |x − x̂| over the model's inpaintings with less of any single draw's noise. g is the two-component
+    GMM with the higher-difference component as foreground, fitted (``fit``) on the differences inside
+    M_pre,up, the only pixels Eq. 5 keeps (``"m_pre"``), or on the whole map (``"image"``), where the
+    pixels outside M_pre, which differ only by the VAE's reconstruction error, pull the threshold down.
     """
-    if image.shape != inpainted.shape or image.ndim != 3 or m_pre_up.shape != image.shape[-2:]:
+    look_up_option(fit, GMM_FITS)
+    several = inpainted if inpainted.ndim == 4 else inpainted[None]  # (K, C, H, W)
+    if image.ndim != 3 or several.shape[1:] != image.shape or m_pre_up.shape != image.shape[-2:]:
         raise ValueError(
-            "refined_mask: expected image and inpainted of one shape (C, H, W) and m_pre_up (H, W), got "
-            f"{tuple(image.shape)}, {tuple(inpainted.shape)} and {tuple(m_pre_up.shape)}"
+            "refined_mask: expected image (C, H, W), inpainted (C, H, W) or (K, C, H, W) of the same image shape and "
+            f"m_pre_up (H, W), got {tuple(image.shape)}, {tuple(inpainted.shape)} and {tuple(m_pre_up.shape)}"
         )
-    diff = (image.float() - inpainted.float()).abs().mean(dim=0)  # (H, W) |x − x̂|, Eq. 5
-    return m_pre_up.bool() & binarize_gmm(diff, random_state=random_state).to(m_pre_up.device)
+    diff = (image.float() - several.float()).abs().mean(dim=(0, 1))  # (H, W) |x − x̂|, Eq. 5
+    region = m_pre_up.bool().to(diff.device)
+    if fit == "image":
+        return region & binarize_gmm(diff, random_state=random_state)
+    if not region.any():
+        return region
+    binarizer = GMMBinarizer(random_state=random_state).fit(diff[region])
+    return region & binarizer.predict(diff)

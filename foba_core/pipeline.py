@@ -33,11 +33,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from monai.utils import look_up_option
 
 from foba_core import tracking
 from foba_core.data import open_images
 from foba_core.io import atomic_write, write_csv, write_json, write_torch
-from foba_core.masks import upsample_mask
+from foba_core.masks import GMM_FITS, upsample_mask
 from foba_core.metrics import BoxIoUAccumulator, SegmentationAccumulator
 from foba_core.transforms import map_boxes, resize_center_crop
 from foba_core.visualize import draw_boxes, mask_overlay, save_grid, to_uint8
@@ -67,7 +68,8 @@ SETTING_OUTPUTS = {  # setting -> the outputs of OUT computed with it, which a r
     **dict.fromkeys(("pretrained", "pretrained_config", "dataset", "dataset_dir", "word", "n_train", "n_test", "t0",
                      "seed", "dtype"), _EVERYTHING),
     **dict.fromkeys(("finetune_steps", "finetune_batch_size", "finetune_lr", "amp", "amp_dtype"), _AFTER_FINETUNING),
-    **dict.fromkeys(("scheduler", "inference_steps"), _REFINED),
+    **dict.fromkeys(("scheduler", "inference_steps", "refine_samples"), _REFINED),
+    "refine_gmm_fit": "stages/crop_*, " + _REFINED,
     **dict.fromkeys(("segment_steps", "segment_batch_size", "segment_lr", "segment_crop", "segment_size",
                      "segment_channels"), _UNETS),
     "n_synthetic": "stages/synthetic, stages/unet_unet_M_plus_synthetic.pt and unets/unet_M_plus_synthetic",
@@ -176,7 +178,8 @@ class ConceptDistillation:
                  dtype: str = "float32", stage1_batch_size: int = 16, finetune_steps: int = 400,
                  finetune_batch_size: int = 32, finetune_lr: float = 1e-4, gradient_checkpointing: bool = False,
                  amp: bool = False, amp_dtype: str = "bfloat16", scheduler: str = "DDIMScheduler",
-                 inference_steps: int = 20, refine_batch_size: int = 64, segment_steps: int = 500,
+                 inference_steps: int = 20, refine_samples: int = 4, refine_gmm_fit: str = "m_pre",
+                 refine_batch_size: int = 64, segment_steps: int = 500,
                  segment_batch_size: int = 32, segment_lr: float = 2e-3, segment_crop: int = 24,
                  segment_size: int | None = None, segment_channels=(16, 32, 64), n_synthetic: int = 256,
                  sample_batch_size: int = 16, fid_network: str | None = TOY_FEATURES, fid_samples: int = 256,
@@ -192,6 +195,7 @@ class ConceptDistillation:
             raise ValueError(f"the toy feature network only measures toy images; for {dataset} pass --fid_network "
                              "<inception-2015-12-05.pt> (foba_core.fid.load_feature_network) or leave it unset")
         for key, value in (("n_synthetic", n_synthetic), ("fid_samples", fid_samples), ("chunk_size", chunk_size),
+                           ("refine_samples", refine_samples),
                            ("refine_batch_size", refine_batch_size), ("sample_batch_size", sample_batch_size)):
             if int(value) < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
@@ -205,6 +209,7 @@ class ConceptDistillation:
         self.finetune_steps, self.finetune_batch_size, self.finetune_lr = finetune_steps, finetune_batch_size, finetune_lr
         self.gradient_checkpointing, self.amp, self.amp_dtype = bool(gradient_checkpointing), bool(amp), amp_dtype
         self.scheduler, self.inference_steps = scheduler, int(inference_steps)
+        self.refine_samples, self.refine_gmm_fit = int(refine_samples), look_up_option(refine_gmm_fit, GMM_FITS)
         self.refine_batch_size, self.sample_batch_size = int(refine_batch_size), int(sample_batch_size)
         self.segment = dict(steps=segment_steps, batch_size=segment_batch_size, lr=segment_lr, crop=segment_crop)
         self.segment_size = None if segment_size is None else int(segment_size)
@@ -220,6 +225,7 @@ class ConceptDistillation:
             "t0": self.t0, "seed": self.seed, "dtype": dtype, "finetune_steps": int(finetune_steps),
             "finetune_batch_size": int(finetune_batch_size), "finetune_lr": float(finetune_lr), "amp": self.amp,
             "amp_dtype": amp_dtype, "scheduler": scheduler, "inference_steps": self.inference_steps,
+            "refine_samples": self.refine_samples, "refine_gmm_fit": self.refine_gmm_fit,
             "segment_steps": int(segment_steps), "segment_batch_size": int(segment_batch_size),
             "segment_lr": float(segment_lr), "segment_crop": int(segment_crop), "segment_size": self.segment_size,
             "segment_channels": list(self.segment_channels), "n_synthetic": self.n_synthetic,
@@ -364,7 +370,7 @@ class ConceptDistillation:
         for s in range(0, len(images), self.refine_batch_size):
             m, _ = refine_masks(pipe, images[s:s + self.refine_batch_size], m_pre[s:s + self.refine_batch_size],
                                 scheduler=self.scheduler, num_inference_steps=self.inference_steps,
-                                seed=self.seed + offset + s)
+                                seed=self.seed + offset + s, n_samples=self.refine_samples, fit=self.refine_gmm_fit)
             out.append(m)
         return torch.cat(out)
 
@@ -378,7 +384,7 @@ class ConceptDistillation:
         from foba_core.refine import crop_masks
 
         return self._chunked(f"crop_{split.name}", len(split), lambda s, e: {
-            "masks": crop_masks(self._load(split, s, e), split.m_pre[s:e])[0]})["masks"]
+            "masks": crop_masks(self._load(split, s, e), split.m_pre[s:e], fit=self.refine_gmm_fit)[0]})["masks"]
 
     def predict(self, net, images: torch.Tensor) -> torch.Tensor:
         """Return the U-Net's masks (N, S, S) at the model's resolution for images at the U-Net's resolution."""

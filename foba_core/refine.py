@@ -6,6 +6,10 @@ with the model's (DDIM by default) with latent blending: after every step the kn
 reset to q_sample(z0, t_prev), and after the last one to z0 itself, so only the foreground is
 generated. Eq. 5 then keeps the pixels of M_pre,up where the image changed: M = M_pre,up ⊙ g(|x − x̂|).
 ``crop_masks`` is the M_crop ablation (supplement Sec. 5), which uses no model.
+
+Two choices go beyond the paper's text, both measured on the toy world (bundles/foba_toy/docs): g is
+fitted on the differences inside M_pre,up (``fit="m_pre"``; the paper's whole map: ``fit="image"``),
+and |x − x̂| may be averaged over K inpaintings with independent noise (``n_samples``; the paper: 1).
 """
 
 from __future__ import annotations
@@ -106,22 +110,40 @@ def inpaint_background(pipe, images: torch.Tensor, m_pre: torch.Tensor, prompt: 
     return decode_latents(pipe, latents)
 
 
-def _masks_from(images: torch.Tensor, filled: torch.Tensor, m_pre: torch.Tensor, random_state: int | None):
-    """Eq. 5 for a batch: M = M_pre,up ⊙ g(|x − x̂|), one GMM per image."""
+# Inpainting k of image i draws from seed + i + k * stride: distinct seeds for data sets below a million images
+# (torch seeds its CPU generator from the low 32 bits, so the stride stays far below 2**32 / K).
+SAMPLE_SEED_STRIDE = 1_000_003
+
+
+def _masks_from(images: torch.Tensor, filled: torch.Tensor, m_pre: torch.Tensor, random_state: int | None,
+                fit: str) -> torch.Tensor:
+    """Eq. 5 for a batch: M = M_pre,up ⊙ g(|x − x̂|), one GMM per image; ``filled`` (K, B, 3, H, W) or (B, 3, H, W)."""
     m_pre_up = upsample_mask(m_pre.cpu(), tuple(images.shape[-2:]))  # (B, H, W)
     images, filled = images.detach().float().cpu(), filled.detach().float().cpu()
-    return torch.stack([refined_mask(x, f, m, random_state) for x, f, m in zip(images, filled, m_pre_up)])
+    filled = filled if filled.ndim == 5 else filled[None]  # (K, B, 3, H, W)
+    return torch.stack([refined_mask(x, filled[:, b], m, random_state, fit)
+                        for b, (x, m) in enumerate(zip(images, m_pre_up))])
 
 
 def refine_masks(pipe, images: torch.Tensor, m_pre: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
                  scheduler: str = "DDIMScheduler", num_inference_steps: int = 50, seed: int = 0,
-                 strength: float = 1.0, random_state: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the refined masks M (B, H, W) bool of Eq. 5 and the inpainted images m'(z̃0, y_b) (B, 3, H, W)."""
-    inpainted = inpaint_background(pipe, images, m_pre, prompt, scheduler, num_inference_steps, seed, strength)
-    return _masks_from(images, inpainted, m_pre, random_state), inpainted
+                 strength: float = 1.0, random_state: int | None = 0, n_samples: int = 1,
+                 fit: str = "m_pre") -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the refined masks M (B, H, W) bool of Eq. 5 and the inpaintings m'(z̃0, y_b) (K, B, 3, H, W).
+
+    ``n_samples`` = K inpaintings of each image with independent noise (image i, inpainting k: seed
+    ``seed + i + k * SAMPLE_SEED_STRIDE``; K = 1 is the paper's single inpainting); Eq. 5 takes their
+    mean difference. ``fit`` is where g is fitted (``masks.refined_mask``).
+    """
+    if int(n_samples) < 1:
+        raise ValueError(f"n_samples must be >= 1 (inpaintings per image), got {n_samples}")
+    inpainted = torch.stack([inpaint_background(pipe, images, m_pre, prompt, scheduler, num_inference_steps,
+                                                seed + k * SAMPLE_SEED_STRIDE, strength)
+                             for k in range(int(n_samples))])  # (K, B, 3, H, W)
+    return _masks_from(images, inpainted, m_pre, random_state, fit), inpainted
 
 
-def crop_masks(images: torch.Tensor, m_pre: torch.Tensor, random_state: int | None = 0
+def crop_masks(images: torch.Tensor, m_pre: torch.Tensor, random_state: int | None = 0, fit: str = "m_pre"
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the M_crop masks (B, H, W) bool (Eq. 5 with the flipped background crop) and the filled images."""
     if images.ndim != 4 or m_pre.ndim != 3 or m_pre.shape[0] != images.shape[0]:
@@ -130,4 +152,4 @@ def crop_masks(images: torch.Tensor, m_pre: torch.Tensor, random_state: int | No
     m_pre_up = upsample_mask(m_pre.cpu(), tuple(images.shape[-2:]))
     images = images.detach().float().cpu()
     filled = torch.stack([flip_crop_inpaint(x, m) for x, m in zip(images, m_pre_up)])
-    return _masks_from(images, filled, m_pre, random_state), filled
+    return _masks_from(images, filled, m_pre, random_state, fit), filled

@@ -286,3 +286,43 @@ def test_refined_mask_checks_shapes():
     image, obj = _scene()
     with pytest.raises(ValueError, match="refined_mask"):
         refined_mask(image, image[:, :16], obj)
+    with pytest.raises(ValueError, match="refined_mask"):
+        refined_mask(image, image[None, :, :16], obj)
+    with pytest.raises(ValueError, match="did you mean 'image'"):
+        refined_mask(image, image, obj, fit="imag")
+
+
+def _difference_scene():
+    """A black image, its object (difference 0.5 after inpainting), a halo of background inside M_pre (0.3)."""
+    obj = torch.zeros(32, 32, dtype=torch.bool)
+    obj[12:20, 12:20] = True
+    m_pre_up = torch.zeros(32, 32, dtype=torch.bool)
+    m_pre_up[6:26, 6:26] = True  # M_pre overestimates the object: a halo of background around it
+    g = torch.Generator().manual_seed(3)
+    diff = 0.002 * torch.rand(32, 32, generator=g)  # outside M_pre: the VAE's reconstruction error only
+    diff[m_pre_up] = 0.3 + 0.01 * torch.randn(int(m_pre_up.sum()), generator=g)
+    diff[obj] = 0.5 + 0.01 * torch.randn(int(obj.sum()), generator=g)
+    return torch.zeros(3, 32, 32), obj, m_pre_up, diff
+
+
+def test_refined_mask_fits_g_inside_m_pre_where_the_halo_is_a_mode_of_its_own():
+    image, obj, m_pre_up, diff = _difference_scene()
+    inpainted = diff.expand(3, -1, -1)  # |x - x_hat| = diff
+    assert torch.equal(refined_mask(image, inpainted, m_pre_up, fit="m_pre"), obj)
+    # the whole map's low mode is the unchanged outside, so the halo joins the object
+    assert torch.equal(refined_mask(image, inpainted, m_pre_up, fit="image"), m_pre_up)
+    assert not refined_mask(image, inpainted, torch.zeros_like(obj)).any()  # no M_pre, no foreground
+
+
+def test_refined_mask_averages_the_differences_of_several_inpaintings():
+    image, obj, m_pre_up, _ = _difference_scene()
+    g = torch.Generator().manual_seed(5)
+    draws = torch.rand(8, 32, 32, generator=g) * 0.5  # each inpainting redraws the halo: 0 .. 0.5, mean 0.25
+    draws[:, obj] = 0.6 + 0.02 * torch.randn(8, int(obj.sum()), generator=g)
+    draws[:, ~m_pre_up] = 0.0
+    inpainted = draws[:, None].expand(-1, 3, -1, -1)  # (K, 3, H, W)
+    single = refined_mask(image, inpainted[0], m_pre_up)
+    averaged = refined_mask(image, inpainted, m_pre_up)
+    assert torch.equal(averaged, refined_mask(image, draws.mean(0).expand(3, -1, -1), m_pre_up))  # the mean |x - x_hat|
+    assert (single ^ obj).sum() > 10  # one draw: halo pixels that happened to differ much join the object
+    assert torch.equal(averaged, obj)

@@ -137,13 +137,32 @@ def test_refine_masks_stay_inside_the_upsampled_preliminary_mask(pipe):
 
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     m_pre = _foreground()
-    masks, inpainted = refine_masks(pipe, images, m_pre, num_inference_steps=3)
+    masks, inpainted = refine_masks(pipe, images, m_pre, num_inference_steps=3, fit="image")
     up = upsample_mask(m_pre, (16, 16))
-    assert masks.shape == (2, 16, 16) and masks.dtype == torch.bool and inpainted.shape == images.shape
+    assert masks.shape == (2, 16, 16) and masks.dtype == torch.bool and inpainted.shape == (1, *images.shape)
     assert not (masks & ~up).any()  # M = M_pre,up ⊙ g(...)
-    for i in range(2):  # Eq. 5 on the returned inpainting
-        diff = (images[i] - inpainted[i]).abs().mean(0)
+    for i in range(2):  # Eq. 5 on the returned inpainting, g fitted on the whole map
+        diff = (images[i] - inpainted[0, i]).abs().mean(0)
         assert torch.equal(masks[i], up[i] & binarize_gmm(diff))
+
+
+def test_several_inpaintings_draw_independent_noise_and_eq5_averages_them(pipe):
+    from foba_core.masks import refined_mask, upsample_mask
+    from foba_core.refine import SAMPLE_SEED_STRIDE
+
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    m_pre = _foreground()
+    masks, inpainted = refine_masks(pipe, images, m_pre, num_inference_steps=3, seed=5, n_samples=3)
+    assert inpainted.shape == (3, 2, 3, 16, 16)
+    assert torch.allclose(inpainted[0], inpaint_background(pipe, images, m_pre, num_inference_steps=3, seed=5))
+    assert torch.allclose(inpainted[2], inpaint_background(pipe, images, m_pre, num_inference_steps=3,
+                                                           seed=5 + 2 * SAMPLE_SEED_STRIDE))
+    assert not torch.allclose(inpainted[0], inpainted[1])
+    up = upsample_mask(m_pre, (16, 16))
+    for i in range(2):
+        assert torch.equal(masks[i], refined_mask(images[i], inpainted[:, i], up[i], fit="m_pre"))
+    with pytest.raises(ValueError, match="n_samples"):
+        refine_masks(pipe, images, m_pre, num_inference_steps=3, n_samples=0)
 
 
 def test_crop_masks_recover_an_object_on_a_plain_background():
