@@ -11,6 +11,7 @@ distances are NOT comparable to Inception FIDs and are always labelled ``FID_LAB
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -70,13 +71,32 @@ def _save_script(module: torch.jit.ScriptModule, out_path) -> Path:
     return out_path
 
 
+def random_blur(images: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Return images (B, C, H, W) each blurred by a Gaussian of its own sigma drawn uniformly from [0, max_sigma]."""
+    if max_sigma <= 0:
+        return images
+    b, c, h, w = images.shape
+    sigma = torch.rand(b, generator=generator) * max_sigma + 1e-3  # (B,)
+    radius = max(1, math.ceil(2 * max_sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-x[None] ** 2 / (2 * sigma[:, None] ** 2))  # (B, K)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0).to(images)  # (B*C, K)
+    out = F.pad(images.reshape(1, b * c, h, w), (radius,) * 4, mode="reflect")
+    out = F.conv2d(out, kernel[:, None, None, :], groups=b * c)  # along x
+    out = F.conv2d(out, kernel[:, None, :, None], groups=b * c)  # along y
+    return out.reshape(b, c, h, w)
+
+
 def train_toy_feature_network(world, steps: int = 1500, seed: int = 0, out_path=None, batch_size: int = 64,
-                              lr: float = 2e-3, device=None, **net_kwargs) -> torch.jit.ScriptModule:
+                              lr: float = 2e-3, device=None, max_blur: float = 1.0,
+                              **net_kwargs) -> torch.jit.ScriptModule:
     """Return the toy feature network (TorchScript) trained to classify the toy classes and background-only scenes.
 
     ``world`` is a ToyWorld split (items with ``image`` and ``label``); every batch also holds
     background-only images of the toy world's textures (class ``"background"``), as many as an object
-    class on average. Saved atomically to ``out_path`` when given.
+    class on average. Every training image is blurred by a Gaussian of random sigma in [0, ``max_blur``]
+    pixels, so that the network judges objects and textures, not sharpness: an LDM's samples all pass
+    through its VAE decoder, which blurs. Saved atomically to ``out_path`` when given.
     """
     from foba_core.toy.world import random_background
 
@@ -92,11 +112,13 @@ def train_toy_feature_network(world, steps: int = 1500, seed: int = 0, out_path=
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     n_background = max(1, batch_size // len(classes))
+    blur_generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         items = [world[int(i)] for i in rng.integers(len(world), size=batch_size - n_background)]
         backgrounds = [random_background(rng, size)[1] for _ in range(n_background)]  # (H, W, 3) each
         images = torch.cat([torch.stack([it["image"] for it in items]),
                             torch.from_numpy(np.stack(backgrounds)).permute(0, 3, 1, 2)])  # (B, 3, H, W)
+        images = random_blur(images, max_blur, blur_generator)
         labels = torch.tensor([classes.index(it["label"]) for it in items] + [len(classes) - 1] * n_background)
         logits = net(to_uint8(images).to(device))
         loss = F.cross_entropy(logits, labels.to(device))

@@ -59,6 +59,7 @@ BOX_DATASETS = ("dogs", "cars", "h36m")  # scored by box IoU (Table 3); the othe
 TOY_FEATURES = "toy"  # fid_network value: train the toy feature network (toy world only)
 FID_NOT_COMPUTED = "not computed (pass --fid_network)"
 VAE_RECONSTRUCTION = "vae_reconstruction"  # fid.csv row: real images encoded and decoded by the VAE alone
+VAE_BACKGROUNDS = "vae_reconstruction_backgrounds"  # fid.csv row (toy): object-free toy textures through the VAE
 GRID_TILE = 256  # mask-grid tiles are at most this many pixels wide
 _EVERYTHING = "every stage (use a new --output_dir)"
 _AFTER_FINETUNING = "finetune/ and stages/"
@@ -549,10 +550,10 @@ class ConceptDistillation:
         Real images: the toy world's val split, or the training images D of a real dataset (at the model's
         resolution). Without a feature network the FID rows say ``FID_NOT_COMPUTED``.
         """
-        from foba_core.fid import fid_label, frechet_distance
+        from foba_core.fid import fid_label, frechet_distance, object_score
         from foba_core.metrics import feature_statistics
         from foba_core.refine import reconstruct
-        from foba_core.toy.world import ToyWorld
+        from foba_core.toy.world import ToyWorld, toy_backgrounds
 
         net = self.feature_network()
         label = fid_label(net) if net is not None else ""
@@ -601,6 +602,10 @@ class ConceptDistillation:
                     net, backgrounds)["object_score"].mean()), "features": label, paper_key: None})
                 rows.append({"w": "real", "fid": 0.0, "object_score": float(real["object_score"].mean()),
                              "features": label, paper_key: None})
+                if self.dataset == "toy":  # what a perfect background sample (w = -1) scores after the decoder
+                    rows.append({"w": VAE_BACKGROUNDS, "fid": float("nan"), "object_score": float(object_score(
+                        net, reconstruct(pipe, toy_backgrounds(n_backgrounds, self.seed))).mean()),
+                        "features": label, paper_key: None})
                 log({f"object_score_w{r['w']}": r["object_score"] for r in rows})
         tiles = [to_uint8(_thumbnail(x)) for x in backgrounds[: self.n_backgrounds]]
         save_grid([tiles[i:i + 8] for i in range(0, len(tiles), 8)], self.path("backgrounds.png"))

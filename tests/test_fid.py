@@ -106,3 +106,28 @@ def test_object_score_is_one_minus_the_background_probability():
     assert object_score(net, images).min() > 1 - 1e-6
     with pytest.raises(ValueError, match="'background' class"):
         object_score(torch.jit.script(InceptionLike()), images)
+
+
+def test_random_blur_draws_one_gaussian_per_image():
+    from foba_core.fid import random_blur
+
+    images = torch.zeros(3, 3, 16, 16)
+    images[:, :, 8, 8] = 1.0  # a single bright pixel: the blurred image is the kernel itself
+    assert torch.equal(random_blur(images, 0.0, torch.Generator().manual_seed(0)), images)
+    out = random_blur(images, 1.5, torch.Generator().manual_seed(0))
+    again = random_blur(images, 1.5, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # seeded
+    torch.testing.assert_close(out.sum(dim=(2, 3)), torch.ones(3, 3))  # the kernel keeps the brightness
+    assert (out[:, :, 8, 8] <= 1).all() and (out[:2, :, 8, 8] < 0.5).all()  # these two drew sigmas well above 0
+    assert out[0, 0, 8, 8] != out[1, 0, 8, 8]  # a sigma of its own per image
+    torch.testing.assert_close(out[:, 0], out[:, 2])  # the same sigma for the channels of one image
+    torch.testing.assert_close(out[:, :, 8, 1:], out[:, :, 8, 1:].flip(-1))  # symmetric about the pixel
+
+
+def test_toy_backgrounds_are_object_free_textures_of_the_world():
+    from foba_core.toy.world import toy_backgrounds
+
+    a, b = toy_backgrounds(5, seed=1), toy_backgrounds(5, seed=1)
+    assert a.shape == (5, 3, 32, 32) and torch.equal(a, b)
+    assert not torch.equal(a, toy_backgrounds(5, seed=2))
+    assert a.min() >= 0 and a.max() <= 1

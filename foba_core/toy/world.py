@@ -93,6 +93,12 @@ def random_background(rng: np.random.Generator, size: int = 32) -> tuple[str, np
     return kind, _background(kind, size, rng)
 
 
+def toy_backgrounds(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
+    """Return ``n`` object-free toy textures (n, 3, size, size) in [0, 1], deterministic in ``seed``."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
+    return torch.stack([torch.from_numpy(random_background(rng, size)[1]).permute(2, 0, 1) for _ in range(int(n))])
+
+
 def make_scene(rng: np.random.Generator, size: int = 32, name: str | None = None, background: str | None = None) -> dict:
     """Return one scene: image (H, W, 3) float, mask (H, W) bool, box, object class and background kind."""
     name = name if name is not None else OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
