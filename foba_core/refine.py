@@ -98,14 +98,18 @@ def reconstruct(pipe, images: torch.Tensor) -> torch.Tensor:
     return decode_latents(pipe, encode_latents(pipe, images))
 
 
+def _encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"inpaint_background: expected images (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    return encode_latents(pipe, images)
+
+
 @torch.no_grad()
 def inpaint_background(pipe, images: torch.Tensor, m_pre: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
                        scheduler: str = "DDIMScheduler", num_inference_steps: int = 50, seed: int = 0,
                        strength: float = 1.0) -> torch.Tensor:
     """Return m'(z̃0, y_b): the images (B, 3, H, W) in [0, 1] with the foreground of M_pre inpainted by background."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"inpaint_background: expected images (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
-    z0 = encode_latents(pipe, images)  # (B, C, h, w), the posterior mean
+    z0 = _encode_images(pipe, images)  # (B, C, h, w), the posterior mean
     latents = inpaint_latents(pipe, z0, m_pre, prompt, scheduler, num_inference_steps, seed, strength)
     return decode_latents(pipe, latents)
 
@@ -137,9 +141,10 @@ def refine_masks(pipe, images: torch.Tensor, m_pre: torch.Tensor, prompt: str = 
     """
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be >= 1 (inpaintings per image), got {n_samples}")
-    inpainted = torch.stack([inpaint_background(pipe, images, m_pre, prompt, scheduler, num_inference_steps,
-                                                seed + k * SAMPLE_SEED_STRIDE, strength)
-                             for k in range(int(n_samples))])  # (K, B, 3, H, W)
+    z0 = _encode_images(pipe, images)  # (B, C, h, w), encoded once for the K inpaintings
+    inpainted = torch.stack([decode_latents(pipe, inpaint_latents(
+        pipe, z0, m_pre, prompt, scheduler, num_inference_steps, seed + k * SAMPLE_SEED_STRIDE, strength))
+        for k in range(int(n_samples))])  # (K, B, 3, H, W)
     return _masks_from(images, inpainted, m_pre, random_state, fit), inpainted
 
 
