@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from foba_core.capture import authors_timesteps, heat_maps, token_indices, token_weights
+from foba_core.diffusion import to_diffusion_latents
 from foba_core.distributed import gather_to_rank0
 from foba_core.io import write_csv, write_json, write_torch
 from foba_core.masks import preliminary_masks, upsample_mask
 from foba_core.metrics import accuracy, auc_roc, foreground_iou, mean_iou
-from foba_core.diffusion import to_diffusion_latents
 from foba_core.models import encode_prompts
 from foba_core.transforms import resize_center_crop
 from foba_core.visualize import heat_overlay, mask_overlay, save_grid, to_uint8

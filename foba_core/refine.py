@@ -18,8 +18,8 @@ import inspect
 
 import torch
 
-from foba_core.masks import flip_crop_inpaint, refined_mask, upsample_mask
 from foba_core.diffusion import to_vae_latents
+from foba_core.masks import flip_crop_inpaint, refined_mask, upsample_mask
 from foba_core.models import encode_prompts, make_scheduler
 from foba_core.preliminary import encode_latents
 from foba_core.toy.world import BACKGROUND_PROMPT
@@ -99,8 +99,9 @@ def reconstruct(pipe, images: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """z0 of the images to inpaint (B, C, h, w), after checking that they are (B, 3, H, W)."""
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"inpaint_background: expected images (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        raise ValueError(f"inpainting expects images (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
     return encode_latents(pipe, images)
 
 
