@@ -41,13 +41,33 @@ def numbered_checkpoints(checkpoint_dir: str, level: str | None = None) -> dict[
     return found
 
 
+def _trainer_iteration(path: str) -> int | None:
+    """Return the trainer iteration stored in a checkpoint, reading only that entry (tensors stay memory-mapped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # a truncated or foreign file: say which
+        raise RuntimeError(f"cannot read checkpoint {path}: {err}. Delete it to restart from the previous one.") from err
+    trainer = state.get("trainer") if isinstance(state, dict) else None
+    return int(trainer["iteration"]) if isinstance(trainer, dict) and "iteration" in trainer else None
+
+
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
-    """Return the checkpoint with the highest iteration in ``checkpoint_dir`` (MONAI CheckpointSaver names), or None."""
+    """Return the checkpoint of ``checkpoint_dir`` that is furthest into training (MONAI CheckpointSaver names), or None.
+
+    A finished run has both its last interval checkpoint and ``checkpoint_final_iteration.pt``, which is later
+    unless the run ended right at an interval; the iterations stored in the two decide (the final one on a tie).
+    """
     found = numbered_checkpoints(checkpoint_dir)
-    if found:
-        return os.path.join(checkpoint_dir, max(found, key=found.get))
     final = os.path.join(checkpoint_dir, "checkpoint_final_iteration.pt")
-    return final if os.path.exists(final) else None
+    numbered = os.path.join(checkpoint_dir, max(found, key=found.get)) if found else None
+    if not os.path.exists(final):
+        return numbered
+    if numbered is None:
+        return final
+    final_iteration, numbered_iteration = _trainer_iteration(final), _trainer_iteration(numbered)
+    if final_iteration is None or numbered_iteration is None:
+        return numbered
+    return final if final_iteration >= numbered_iteration else numbered
 
 
 def resume(checkpoint_dir: str, objects: dict) -> str | None:
@@ -122,9 +142,22 @@ class ClipGradNorm:
         torch.nn.utils.clip_grad_norm_(self.parameters, self.max_norm)
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Return a linear learning-rate warm-up over ``warmup_steps`` optimiser steps, constant afterwards."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, drop_step: int | None = None,
+                    drop_factor: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Return a linear learning-rate warm-up over ``warmup_steps`` optimiser steps, constant afterwards; from
+    optimiser step ``drop_step`` on (if given), the learning rate is ``drop_factor`` times the peak."""
+    warmup_steps = max(1, int(warmup_steps))
+    if drop_step is not None and int(drop_step) < warmup_steps:
+        raise ValueError(f"drop_step ({drop_step}) must not come before the end of the warm-up ({warmup_steps})")
+    if not 0.0 < float(drop_factor) <= 1.0:
+        raise ValueError(f"drop_factor must be in (0, 1], got {drop_factor}")
+
+    def factor(step: int) -> float:
+        if drop_step is not None and step >= int(drop_step):
+            return float(drop_factor)
+        return min(1.0, (step + 1) / warmup_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def loss_value(output: dict) -> float:

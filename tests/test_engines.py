@@ -1,12 +1,14 @@
-"""Engine helpers: resume (extending a finished run), pruning old checkpoints, gradient clipping under AMP."""
+"""Engine helpers: resume (extending a finished run), pruning old checkpoints, gradient clipping under AMP,
+the learning-rate schedule."""
 
 import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from foba_core.engines import latest_checkpoint, resume
+from foba_core.engines import latest_checkpoint, resume, warmup_schedule
 
 
 def _engine(steps, seen):
@@ -104,3 +106,56 @@ def test_optimizer_steps_follow_the_accumulation_windows():
     assert steps(1, 3, 3) == [True, True, True]
     assert steps(2, 3, 6) == [False, True, True, False, True, True]  # the last micro-batch of an epoch steps
     assert steps(2, None, 4) == [False, True, False, True]  # no epoch length: every 2nd
+
+
+def _lrs(schedule, optimizer, steps):
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
+def test_warmup_then_a_learning_rate_drop_that_a_resumed_run_keeps():
+    def fresh():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        return optimizer, warmup_schedule(optimizer, 10, drop_step=60, drop_factor=0.25)
+
+    optimizer, schedule = fresh()
+    lrs = _lrs(schedule, optimizer, 100)
+    assert lrs[0] == pytest.approx(0.2) and lrs[9] == pytest.approx(2.0)  # linear warm-up to the peak
+    assert lrs[10:60] == pytest.approx([2.0] * 50) and lrs[60:] == pytest.approx([0.5] * 40)
+
+    optimizer, schedule = fresh()
+    _lrs(schedule, optimizer, 40)
+    state = schedule.state_dict()
+    optimizer, schedule = fresh()  # a resumed run
+    schedule.load_state_dict(state)
+    optimizer.param_groups[0]["lr"] = lrs[40]  # as the optimiser's own state_dict restores it
+    assert _lrs(schedule, optimizer, 60) == pytest.approx(lrs[40:])
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    assert _lrs(warmup_schedule(optimizer, 10), optimizer, 50)[10:] == [2.0] * 40  # without drop_step: constant
+    with pytest.raises(ValueError, match="drop_step"):
+        warmup_schedule(optimizer, 10, drop_step=5)
+    with pytest.raises(ValueError, match="drop_factor"):
+        warmup_schedule(optimizer, 10, drop_step=20, drop_factor=0.0)
+
+
+def test_a_finished_run_resumes_from_its_final_checkpoint_not_its_last_interval_one(tmp_path):
+    seen = []
+    first = _engine(5, seen)
+    first.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: _save(e, tmp_path))  # interval checkpoint
+    first.add_event_handler(  # what CheckpointSaver(save_final=True) writes when the run completes
+        Events.COMPLETED, lambda e: torch.save({"trainer": e.state_dict()}, tmp_path / "checkpoint_final_iteration.pt"))
+    first.run(range(100), max_epochs=1, epoch_length=5)
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_final_iteration.pt")
+
+    longer = _engine(8, seen)  # the finished run extended to 8 iterations
+    resume(str(tmp_path), {"trainer": longer})
+    longer.run(range(100), max_epochs=1, epoch_length=8)
+    assert seen == [1, 2, 3, 4, 5, 6, 7, 8]  # continued at 6, not at 5 from the interval checkpoint at 4
+
+    _save(longer, tmp_path)  # an interval checkpoint later than the final one wins
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_iteration=8.pt")
