@@ -89,7 +89,8 @@ def _workflow(output_dir, **overrides):
 def test_pretraining_lowers_the_loss_resumes_and_saves_an_sd_folder(tmp_path):
     from ignite.engine import Events
 
-    small = dict(n_train=256, vae_steps=40, max_steps=60, batch_size=16, warmup_steps=5, checkpoint_interval=20)
+    small = dict(n_train=256, vae_steps=40, max_steps=60, batch_size=16, warmup_steps=5, checkpoint_interval=20,
+                 lr_drop_step=50, lr_drop_factor=0.3)
     wf = _workflow(tmp_path, **small)
     trainer = wf.parser.get_parsed_content("train#trainer")
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=40), lambda e: e.terminate())  # an interruption
@@ -102,6 +103,8 @@ def test_pretraining_lowers_the_loss_resumes_and_saves_an_sd_folder(tmp_path):
     wf.finalize()
     trainer = wf.parser.get_parsed_content("train#trainer")
     assert trainer.state.iteration == 60  # continued from 40, did not start over
+    lr = wf.parser.get_parsed_content("train#optimizer").param_groups[0]["lr"]
+    assert lr == pytest.approx(0.3 * wf.parser.get_parsed_content("lr"))  # the resumed run dropped at step 50
     second = json.loads((tmp_path / "train_log.json").read_text())
     assert second["iterations_this_run"] == 20
     losses = first["losses"] + second["losses"]
