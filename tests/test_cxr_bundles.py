@@ -178,14 +178,15 @@ def test_finetuning_lowers_the_loss_tracks_mlflow_resumes_and_saves_the_model(ph
     assert "checkpoint_iteration=60.pt" in os.listdir(out / "checkpoints")
 
     wf = _workflow(TRAIN, **settings)  # a new process would do exactly this
-    assert f"resumed from {out / 'checkpoints' / 'checkpoint_iteration=60.pt'}" in capsys.readouterr().out
+    # the interrupted run also left its final checkpoint (MONAI's save_final), which is furthest: iteration 70
+    assert f"resumed from {out / 'checkpoints' / 'checkpoint_final_iteration.pt'} at iteration 70" in capsys.readouterr().out
     wf.run()
     wf.finalize()
     trainer = wf.parser.get_parsed_content("train#trainer")
-    assert trainer.state.iteration == 150  # continued from 60, did not start over
+    assert trainer.state.iteration == 150  # continued from 70, did not start over
     second = json.loads((out / "train_log.json").read_text())
-    assert second["iterations_this_run"] == 90
-    losses = first["losses"][:60] + second["losses"]
+    assert second["iterations_this_run"] == 80
+    losses = first["losses"] + second["losses"]
     assert np.mean(losses[-30:]) < 0.75 * np.mean(losses[:20])
 
     pipe = load_pipeline(out / "model")
@@ -208,8 +209,8 @@ def test_finetuning_lowers_the_loss_tracks_mlflow_resumes_and_saves_the_model(ph
         assert params["pretrained"] == str(tiny_sd.resolve())
         assert int(params["n_train_images"]) > 0
     curves = sorted([sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss"))
-                     for run in runs])  # the loss of every iteration, the resumed run from iteration 61 on
-    assert [[step for step, _ in curve] for curve in curves] == [list(range(1, 71)), list(range(61, 151))]
+                     for run in runs])  # the loss of every iteration, the resumed run from iteration 71 on
+    assert [[step for step, _ in curve] for curve in curves] == [list(range(1, 71)), list(range(71, 151))]
     assert np.allclose([v for _, v in curves[0]], first["losses"])
 
     wf = _workflow(TRAIN, **{**settings, "tracking": None})  # a finished run is not trained again
