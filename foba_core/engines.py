@@ -41,12 +41,17 @@ def numbered_checkpoints(checkpoint_dir: str, level: str | None = None) -> dict[
     return found
 
 
-def _trainer_iteration(path: str) -> int | None:
-    """Return the trainer iteration stored in a checkpoint, reading only that entry (tensors stay memory-mapped)."""
+def _load_checkpoint(path: str, mmap: bool = False):
+    """Return a checkpoint's contents (with ``mmap``, tensors stay on disk until used); name the file if it is unreadable."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # a truncated or foreign file: say which
         raise RuntimeError(f"cannot read checkpoint {path}: {err}. Delete it to restart from the previous one.") from err
+
+
+def _trainer_iteration(path: str) -> int | None:
+    """Return the trainer iteration stored in a checkpoint, reading only that entry."""
+    state = _load_checkpoint(path, mmap=True)
     trainer = state.get("trainer") if isinstance(state, dict) else None
     return int(trainer["iteration"]) if isinstance(trainer, dict) and "iteration" in trainer else None
 
@@ -54,8 +59,9 @@ def _trainer_iteration(path: str) -> int | None:
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
     """Return the checkpoint of ``checkpoint_dir`` that is furthest into training (MONAI CheckpointSaver names), or None.
 
-    A finished run has both its last interval checkpoint and ``checkpoint_final_iteration.pt``, which is later
-    unless the run ended right at an interval; the iterations stored in the two decide (the final one on a tie).
+    A finished or interrupted run has both its last interval checkpoint and ``checkpoint_final_iteration.pt``
+    (MONAI's ``save_final`` writes it on completion and on an exception), which is later unless the run stopped
+    right at an interval; the iterations stored in the two decide (the final one on a tie).
     """
     found = numbered_checkpoints(checkpoint_dir)
     final = os.path.join(checkpoint_dir, "checkpoint_final_iteration.pt")
@@ -77,10 +83,7 @@ def resume(checkpoint_dir: str, objects: dict) -> str | None:
     path = latest_checkpoint(checkpoint_dir)
     if path is None:
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: say which
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}. Delete it to restart from the previous one.") from err
+    state = _load_checkpoint(path)
     engines = [obj for obj in objects.values() if isinstance(obj, Engine)]
     wanted = [(e.state.max_epochs, e.state.epoch_length) for e in engines]
     Checkpoint.load_objects(to_load=objects, checkpoint=state)
