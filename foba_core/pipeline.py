@@ -578,21 +578,22 @@ class ConceptDistillation:
                         return self._load(train, s, e)
                 real = self._chunked("fid_real", n_real, lambda s, e: self._features(net, real_images(s, e)))
                 real_stats = feature_statistics(real["features"])
+
+                def fid_row(w, computed: dict, paper) -> dict:
+                    """fid.csv row of the images whose features (and object scores) ``computed`` holds."""
+                    row = {"w": w, "fid": frechet_distance(*real_stats, *feature_statistics(computed["features"]))}
+                    if "object_score" in computed:
+                        row["object_score"] = float(computed["object_score"].mean())
+                    return {**row, "features": label, paper_key: paper}
+
                 # the same real images through the VAE alone: what the decoder lets any sample reach
                 recon = self._chunked("fid_vae_reconstruction", n_real, lambda s, e: self._features(
                     net, reconstruct(pipe, real_images(s, e))))
                 for w in self.fid_ws:
                     fake = self._chunked(f"fid_w{w:g}", self.fid_samples, lambda s, e, w=w: self._features(
                         net, self.synthesise(pipe, e - s, w, self.seed + s)[0]))
-                    row = {"w": w, "fid": frechet_distance(*real_stats, *feature_statistics(fake["features"]))}
-                    if "object_score" in fake:
-                        row["object_score"] = float(fake["object_score"].mean())
-                    rows.append({**row, "features": label, paper_key: self._paper_fid(w)})
-                row = {"w": VAE_RECONSTRUCTION, "fid": frechet_distance(*real_stats, *feature_statistics(
-                    recon["features"]))}
-                if "object_score" in recon:
-                    row["object_score"] = float(recon["object_score"].mean())
-                rows.append({**row, "features": label, paper_key: None})
+                    rows.append(fid_row(w, fake, self._paper_fid(w)))
+                rows.append(fid_row(VAE_RECONSTRUCTION, recon, None))
                 log({f"fid_w{r['w']}": r["fid"] for r in rows})
                 scored = "object_score" in real
                 n_backgrounds = max(self.n_backgrounds, 6 * 8) if scored else self.n_backgrounds
