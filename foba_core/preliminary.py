@@ -67,11 +67,12 @@ class Stage1Step:
                  for it in items]
         words = [self.word if self.word is not None else it["label"] for it in items]
         return {"images": images, "masks": masks, "prompts": [it["caption"] for it in items], "words": words,
-                "ids": [str(it["id"]) for it in items]}
+                "ids": [str(it["id"]) for it in items], "splits": [it.get("split", "") for it in items]}
 
     def __call__(self, engine: Engine | None, items: list[dict]) -> dict:
         if not items:  # the empty shard of a distributed run with fewer images than processes
-            return {"images": [], "masks": [], "prompts": [], "words": [], "ids": [], "heatmaps": [], "m_pre": []}
+            return {"images": [], "masks": [], "prompts": [], "words": [], "ids": [], "splits": [], "heatmaps": [],
+                    "m_pre": []}
         batch = self.prepare(items)
         pipe = self.pipe
         m_hat = []
@@ -100,7 +101,8 @@ class Stage1Writer:
 
     Writes ``stage1.pt`` (ids, M̂, M_pre), ``per_image.csv``, ``metrics.json`` (flat keys, see
     :func:`stage1_metrics`) and PNG overlays (image | M̂ | M_pre | ground truth) of the first
-    ``n_overlays`` images into ``output_dir``; sets ``engine.state.metrics``. In a torchrun run
+    ``n_overlays`` images into ``output_dir/<split>`` for each split the items come from (their ``split``
+    key; items without one go to ``output_dir`` itself); sets ``engine.state.metrics``. In a torchrun run
     (``multi_gpu_masks.yaml``) every process scores its shard and rank 0 gathers the per-image results in
     dataset order and writes them: the same files as a single-process run.
     """
@@ -111,6 +113,7 @@ class Stage1Writer:
 
     def reset(self) -> None:
         self.records: list[dict] = []  # per image of this process: CSV row, M̂, M_pre, ground truth, overlay tiles
+        self.counts: dict[str, int] = {}  # images seen per split
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.reset())
@@ -127,31 +130,40 @@ class Stage1Writer:
                 row["auc_roc"] = auc_roc(heat_up, gt, image_id=image_id)
                 row.update(_scores(pre_up, gt))
             tiles = None
-            if len(self.records) < self.n_overlays:  # a process's first images hold the run's first n_overlays
+            split = out["splits"][i]
+            self.counts[split] = self.counts.get(split, 0) + 1
+            if self.counts[split] <= self.n_overlays:  # a process's first images of a split hold the run's first
                 tiles = [to_uint8(image), heat_overlay(image, heat), mask_overlay(image, pre)]
                 if gt is not None:
                     tiles.append(mask_overlay(image, gt, colour=(40, 255, 40)))
-            self.records.append({"row": row, "heat": heat, "m_pre": pre, "gt": gt, "tiles": tiles})
+            self.records.append({"row": row, "heat": heat, "m_pre": pre, "gt": gt, "tiles": tiles,
+                                 "split": split})
 
     def write(self, engine: Engine) -> None:
         records = gather_to_rank0(self.records)  # every image of the run, in dataset order, on rank 0
         if records is None:
             return  # rank 0 writes
-        os.makedirs(self.output_dir, exist_ok=True)
+        for split in dict.fromkeys(r["split"] for r in records):  # items of a split go to output_dir/<split>
+            metrics = self.write_split([r for r in records if r["split"] == split], os.path.join(self.output_dir, split))
+            engine.state.metrics.update({f"{split}_{k}" if split else k: v for k, v in metrics.items()})
+
+    def write_split(self, records: list[dict], folder: str) -> dict:
+        """Write one split's stage1.pt, metrics.json, per_image.csv and overlays into ``folder``; return its metrics."""
+        os.makedirs(folder, exist_ok=True)
         metrics = stage1_metrics(records)
-        engine.state.metrics.update(metrics)
         firsts = records[:self.n_overlays]
         for rec in firsts:
-            save_grid([rec["tiles"]], os.path.join(self.output_dir, "overlays", f"{rec['row']['id']}.png"))
+            save_grid([rec["tiles"]], os.path.join(folder, "overlays", f"{rec['row']['id']}.png"))
         write_torch({"ids": [r["row"]["id"] for r in records], "heatmaps": torch.stack([r["heat"] for r in records]),
-                     "m_pre": torch.stack([r["m_pre"] for r in records])}, os.path.join(self.output_dir, "stage1.pt"))
-        write_json(metrics, os.path.join(self.output_dir, "metrics.json"))
-        write_csv([r["row"] for r in records], os.path.join(self.output_dir, "per_image.csv"))
+                     "m_pre": torch.stack([r["m_pre"] for r in records])}, os.path.join(folder, "stage1.pt"))
+        write_json(metrics, os.path.join(folder, "metrics.json"))
+        write_csv([r["row"] for r in records], os.path.join(folder, "per_image.csv"))
         if firsts:
             titles = ["image", "heat map M^", "M_pre", "ground truth"]
-            save_grid([r["tiles"] for r in firsts[:self.grid_rows]], os.path.join(self.output_dir, "overlays.png"),
+            save_grid([r["tiles"] for r in firsts[:self.grid_rows]], os.path.join(folder, "overlays.png"),
                       column_titles=titles)
         print(json.dumps(metrics), flush=True)
+        return metrics
 
 
 def stage1_metrics(records: list[dict]) -> dict:

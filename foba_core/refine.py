@@ -15,6 +15,7 @@ and |x − x̂| may be averaged over K inpaintings with independent noise (``n_s
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 
@@ -159,3 +160,76 @@ def crop_masks(images: torch.Tensor, m_pre: torch.Tensor, random_state: int | No
     images = images.detach().float().cpu()
     filled = torch.stack([flip_crop_inpaint(x, m) for x, m in zip(images, m_pre_up)])
     return _masks_from(images, filled, m_pre, random_state, fit), filled
+
+
+def split_runs(items: list[dict]) -> list[tuple[str, int, int]]:
+    """Return (split, first index, stop index) of each contiguous run of one split's items in a batch."""
+    runs: list[tuple[str, int, int]] = []
+    for item in items:
+        split, index = item["split"], int(item["index"])
+        if runs and runs[-1][0] == split and runs[-1][2] == index:
+            runs[-1] = (split, runs[-1][1], index + 1)
+        else:
+            runs.append((split, index, index + 1))
+    return runs
+
+
+class MaskStep:
+    """``iteration_update`` of a mask-making stage: a batch of split items -> {"items", "masks" (B, S, S)}.
+
+    ``m_pre`` maps each split to its stage-1 output ({"ids", "m_pre"}); the items' ids are checked against
+    it. Each contiguous run of one split's items (indices s .. e - 1) is computed by ``masks_of(images,
+    m_pre, start=s)`` and stored in ``cache_dir``, so an interrupted stage resumes batch by batch.
+    """
+
+    def __init__(self, m_pre: dict, cache_dir: str):
+        self.m_pre, self.cache_dir = m_pre, cache_dir
+
+    def masks_of(self, images: torch.Tensor, m_pre: torch.Tensor, start: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, engine, items: list[dict]) -> dict:
+        from foba_core.outputs import cached
+
+        out = []
+        for split, start, stop in split_runs(items):
+            stage1 = self.m_pre[split]
+            for item in items:
+                if item["split"] == split and stage1["ids"][item["index"]] != item["id"]:
+                    raise RuntimeError(f"image {item['id']!r} of the {split} split has no M_pre of its own (stage 1 "
+                                       "ran on other images); rerun stage 1")
+            images = torch.stack([it["image"] for it in items if it["split"] == split])  # (B, 3, S, S)
+            path = os.path.join(self.cache_dir, f"{split}_{start:07d}-{stop:07d}.safetensors")
+            out.append(cached(path, lambda: {"masks": self.masks_of(images, stage1["m_pre"][start:stop], start)})
+                       ["masks"].bool())
+        return {"items": items, "masks": torch.cat(out)}
+
+
+class RefineStep(MaskStep):
+    """Refined masks M (Eq. 5-6) with the fine-tuned model; image i of a split draws its noise from seed + i.
+
+    ``batch_size`` is the batch that callers outside an engine (the synthetic D'_s) refine at.
+    """
+
+    def __init__(self, pipe, m_pre: dict, cache_dir: str, scheduler: str = "DDIMScheduler",
+                 num_inference_steps: int = 50, n_samples: int = 1, fit: str = "image", seed: int = 0,
+                 batch_size: int = 8):
+        super().__init__(m_pre, cache_dir)
+        self.batch_size = int(batch_size)
+        self.pipe, self.scheduler, self.steps = pipe, scheduler, int(num_inference_steps)
+        self.n_samples, self.fit, self.seed = int(n_samples), fit, int(seed)
+
+    def masks_of(self, images: torch.Tensor, m_pre: torch.Tensor, start: int) -> torch.Tensor:
+        return refine_masks(self.pipe, images, m_pre, scheduler=self.scheduler, num_inference_steps=self.steps,
+                            seed=self.seed + start, n_samples=self.n_samples, fit=self.fit)[0]
+
+
+class CropStep(MaskStep):
+    """The M_crop ablation (supplement Sec. 5): Eq. 5 with the flipped background crop, no model."""
+
+    def __init__(self, m_pre: dict, cache_dir: str, fit: str = "image"):
+        super().__init__(m_pre, cache_dir)
+        self.fit = fit
+
+    def masks_of(self, images: torch.Tensor, m_pre: torch.Tensor, start: int) -> torch.Tensor:
+        return crop_masks(images, m_pre, fit=self.fit)[0]

@@ -276,3 +276,42 @@ def predict_masks(network: torch.nn.Module, images: torch.Tensor, crop: int | No
     if crop is not None:
         images = center_crop(images, crop)
     return segmentation_logits(network, images, batch_size) > 0  # sigmoid(logit) > 0.5  <=>  logit > 0
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Return square images (N, 3, S, S) resized to the U-Net's side ``size`` (unchanged when already that size)."""
+    from foba_core.transforms import resize_center_crop
+
+    if images.shape[-1] == size:
+        return images
+    return torch.stack([resize_center_crop(x, size) for x in images])
+
+
+def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Return square masks (N, S, S) resized (nearest neighbour) to ``size``, in slices to bound memory."""
+    from foba_core.masks import upsample_mask
+
+    if masks.shape[-1] == size:
+        return masks
+    return torch.cat([upsample_mask(masks[s:s + 256], size) for s in range(0, len(masks), 256)])
+
+
+class PredictStep:
+    """``iteration_update`` of a U-Net's test evaluation: split items -> {"items", "masks" (B, S, S)}.
+
+    The images (at the model's resolution S) are resized to the U-Net's side ``size``; its logits are
+    upsampled (bilinear) back to S, so its masks are scored on the same square as every other method.
+    """
+
+    def __init__(self, network: torch.nn.Module, size: int | None = None):
+        self.network, self.size = network, size
+
+    def __call__(self, engine, items: list[dict]) -> dict:
+        images = torch.stack([it["image"] for it in items])  # (B, 3, S, S)
+        full = images.shape[-1]
+        size = self.size or full
+        if size == full:
+            return {"items": items, "masks": predict_masks(self.network, images)}
+        logits = segmentation_logits(self.network, resize_images(images, size))[:, None]  # (B, 1, s, s)
+        up = F.interpolate(logits, size=(full, full), mode="bilinear", align_corners=False)
+        return {"items": items, "masks": up[:, 0] > 0}  # (B, S, S)

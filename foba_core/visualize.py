@@ -81,3 +81,16 @@ def save_grid(rows: list[list[np.ndarray]], path: str, column_titles: list[str] 
             img = Image.fromarray(tile).resize((tw, th), Image.NEAREST)
             canvas.paste(img, (pad + j * (tw + pad), head + pad + i * (th + pad)))
     return save_png(np.asarray(canvas), path)
+
+
+def thumbnail(image: torch.Tensor, width: int = 256) -> torch.Tensor:
+    """Return a square image (3, S, S) at most ``width`` pixels wide, for pictures."""
+    from foba_core.transforms import resize_center_crop
+
+    return image if image.shape[-1] <= width else resize_center_crop(image, width)
+
+
+def save_tiles(images: torch.Tensor, path: str, columns: int = 8) -> str:
+    """Write images (N, 3, S, S) as one PNG grid of ``columns`` tiles per row; return its path."""
+    tiles = [to_uint8(thumbnail(x)) for x in images]
+    return save_grid([tiles[i:i + columns] for i in range(0, len(tiles), columns)], path)

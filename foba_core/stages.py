@@ -1,0 +1,139 @@
+"""The main job as a list of stages (paper Sec. 3-4), each one rerunnable on its own.
+
+A :class:`Stage` owns one folder ``OUT/<name>``. Before its work runs it records there, in ``stage.json``,
+the settings that shape its outputs and the records of the stages it reads (``needs``); when the work is
+done the record says so. Run again, a stage is skipped when its record is complete and equal to what it
+would write now; a record with other settings or other upstream records empties the folder and the stage
+runs again. A stage interrupted midway keeps its folder (checkpoints, finished chunks) and resumes when
+rerun with the same settings. So a main job rerun with one changed setting reruns exactly the stages that
+depend on it, and says which it skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from foba_core import tracking
+from foba_core.io import write_json
+
+RECORD = "stage.json"
+
+
+def plain(value):
+    """Return ``value`` as JSON data: tuples as lists, paths, devices and dtypes as strings."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def read_record(folder: str | os.PathLike) -> dict | None:
+    """Return the ``stage.json`` of a stage folder, None when there is none; an unreadable one names itself."""
+    path = Path(folder) / RECORD
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable ({err}); delete the folder {folder} to recompute that stage") from err
+
+
+def _digest(record: dict) -> str:
+    body = {"settings": record["settings"], "needs": record["needs"]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Stage:
+    """One stage of the main job: ``work`` (ignite engines, objects with ``run()``, or callables) fills ``OUT/name``.
+
+    ``settings`` are the values that shape the stage's outputs (batch sizes and progress bars are not);
+    ``needs`` names the stages whose outputs it reads, which must be complete. ``run()`` returns the stage.
+    With ``tracking_uri`` (or ``--tracking mlflow``) the stage's settings and ``metrics`` go to one MLflow run.
+    """
+
+    def __init__(self, name: str, output_dir: str, settings: dict | None = None, needs: Sequence[str] = (),
+                 work=None, metrics: Callable[[], dict] | None = None, experiment_name: str = "foba",
+                 tracking_uri: str | None = None):
+        self.name, self.output_dir = str(name), os.path.abspath(output_dir)
+        self.settings, self.needs = plain(settings or {}), [str(n) for n in needs]
+        self.work = [] if work is None else list(work) if isinstance(work, (list, tuple)) else [work]
+        self.metrics, self.experiment = metrics, experiment_name
+        self.uri = tracking.tracking_uri(self.output_dir, tracking_uri)
+
+    @property
+    def folder(self) -> str:
+        """Return the stage's own folder, OUT/<name>."""
+        return os.path.join(self.output_dir, self.name)
+
+    def path(self, *parts: str) -> str:
+        """Return a path inside the stage's folder."""
+        return os.path.join(self.folder, *parts)
+
+    def wanted(self) -> dict:
+        """Return the record this stage would write now: its settings and the digests of the stages it reads."""
+        needs = {}
+        for name in self.needs:
+            record = read_record(os.path.join(self.output_dir, name))
+            if record is None or not record.get("complete"):
+                raise RuntimeError(f"stage {self.name!r} reads the outputs of stage {name!r}, which "
+                                   f"{'is unfinished' if record else 'has not run'} in {self.output_dir}; "
+                                   f"run {name!r} first (the bundle's pipeline.yaml runs every stage in order)")
+            needs[name] = record["digest"]
+        record = {"stage": self.name, "settings": self.settings, "needs": needs}
+        return {**record, "digest": _digest(record)}
+
+    def is_done(self) -> bool:
+        """Return whether the folder holds this stage's complete outputs for the current settings."""
+        old = read_record(self.folder)
+        return bool(old and old.get("complete") and old.get("digest") == self.wanted()["digest"])
+
+    def changes(self, old: dict, new: dict) -> list[str]:
+        """Return one line per setting or upstream stage whose value differs between two records."""
+        lines = []
+        for key in sorted(set(old["settings"]) | set(new["settings"])):
+            a, b = old["settings"].get(key, "<unset>"), new["settings"].get(key, "<unset>")
+            if a != b:
+                lines.append(f"{key}: {a!r} -> {b!r}")
+        lines += [f"upstream stage {n} changed" for n in new["needs"] if old["needs"].get(n) != new["needs"][n]]
+        return lines
+
+    def run(self) -> Stage:
+        """Skip the stage if its outputs are current, else (re)compute them; return the stage."""
+        new, old = self.wanted(), read_record(self.folder)
+        if old and old.get("digest") == new["digest"] and old.get("complete"):
+            print(f"stage {self.name}: skipped, its outputs in {self.folder} match the settings", flush=True)
+            return self
+        if old and old.get("digest") != new["digest"]:
+            print(f"stage {self.name}: rerun ({'; '.join(self.changes(old, new)) or 'record changed'})", flush=True)
+            shutil.rmtree(self.folder)
+        elif old:
+            print(f"stage {self.name}: resuming the unfinished run in {self.folder}", flush=True)
+        else:
+            print(f"stage {self.name}: running", flush=True)
+        write_json({**new, "complete": False}, self.path(RECORD))
+        start = time.perf_counter()
+        with tracking.stage_run(self.name, self.uri, self.experiment, self.settings) as log:
+            for work in self.work:
+                work.run() if hasattr(work, "run") else work()
+            log(self.metrics() if self.metrics is not None else None)
+        write_json({**new, "complete": True, "seconds": time.perf_counter() - start}, self.path(RECORD))
+        return self
+
+
+def stage_seconds(output_dir: str, names: Sequence[str]) -> dict:
+    """Return {stage: seconds of its last computation} for the complete stages among ``names``."""
+    out = {}
+    for name in names:
+        record = read_record(os.path.join(output_dir, name))
+        if record and record.get("complete") and "seconds" in record:
+            out[name] = float(record["seconds"])
+    return out
