@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from foba_core.models import read_foba_json, save_pipeline
-from foba_core.toy.world import BACKGROUND_PROMPT
+from foba_core.prompts import BACKGROUND_PROMPT
 from foba_core.transforms import resize_center_crop
 
 REFERENCE_LATENT_SIZE = 64  # the authors' rectangle rules are stated for Stable Diffusion's 64x64 latents

@@ -18,7 +18,7 @@ import torch
 
 from foba_core.models import encode_prompts, make_scheduler
 from foba_core.refine import decode_latents
-from foba_core.toy.world import BACKGROUND_PROMPT
+from foba_core.prompts import BACKGROUND_PROMPT
 from foba_core.visualize import save_grid, to_uint8
 
 

@@ -302,7 +302,7 @@ class ConceptDistillation:
                           for s in range(0, len(split), 256)])
 
     def _prompt(self, label: str) -> str:
-        from foba_core.toy.world import object_prompt
+        from foba_core.prompts import object_prompt
 
         return object_prompt(label)
 

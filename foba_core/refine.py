@@ -23,7 +23,7 @@ from foba_core.diffusion import to_vae_latents
 from foba_core.masks import flip_crop_inpaint, refined_mask, upsample_mask
 from foba_core.models import encode_prompts, make_scheduler
 from foba_core.preliminary import encode_latents
-from foba_core.toy.world import BACKGROUND_PROMPT
+from foba_core.prompts import BACKGROUND_PROMPT
 
 
 def _check_batch(pipe, z0: torch.Tensor, m_pre: torch.Tensor) -> None:

@@ -417,6 +417,28 @@ def test_open_dataset_dispatches_and_names_the_options(tmp_path):
         open_dataset("cub", tmp_path, split="tset")
 
 
+def test_each_reader_captions_its_items_with_its_class_word(tmp_path):
+    """y_f of every item is object_prompt(reader.class_word); the toy world has no class word (each item's label)."""
+    from foba_core.prompts import object_prompt
+    from foba_core.toy.world import ToyWorld
+
+    make_cub(tmp_path / "cub")
+    (tmp_path / "h36m" / "images").mkdir(parents=True)
+    Image.fromarray(scene([(4, 6, 20, 28)], 32, 32)).save(tmp_path / "h36m" / "images" / "a.jpg", quality=95)
+    pd.DataFrame([{"id": "a", "subject": "S1", "action": "Walking 1", "camera": "54138969", "frame": 0,
+                   "split": "test", "x1": 4, "y1": 6, "x2": 20, "y2": 28, "image": "images/a.jpg",
+                   "mask": ""}]).to_csv(tmp_path / "h36m" / "index.csv", index=False)
+    readers = {CUB200: (tmp_path / "cub", "bird"), StanfordDogs: (make_dogs(tmp_path / "dogs"), "dog"),
+               StanfordCars: (make_cars(tmp_path / "cars"), "car"), Human36M: (tmp_path / "h36m", "human")}
+    for reader, (root, word) in readers.items():
+        assert reader.class_word == word
+        captions = {item["caption"] for item in reader(root, split="test")}
+        assert captions == {object_prompt(word)} == {f"a photo of a {word}"}
+    assert ToyWorld.class_word is None
+    toy = ToyWorld("test", size=4)
+    assert all(item["caption"] == object_prompt(item["label"]) for item in toy)
+
+
 # ---------------------------------------------------------------- image formats and orientation (all readers)
 
 def rotated_for_exif(displayed: np.ndarray, tag: int = 6) -> tuple[Image.Image, bytes]:

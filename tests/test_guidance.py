@@ -7,7 +7,7 @@ from PIL import Image
 from foba_core.guidance import guidance_strip, guided_noise, sample_images
 from foba_core.models import make_scheduler
 from foba_core.models import encode_prompts
-from foba_core.toy.world import BACKGROUND_PROMPT
+from foba_core.prompts import BACKGROUND_PROMPT
 
 BIRD = "a photo of a bird"
 

@@ -46,7 +46,7 @@ def test_toy_items_follow_the_dataset_convention_and_labels_are_exact():
 
 
 def test_background_fraction_adds_object_free_scenes_and_keeps_the_others():
-    from foba_core.toy.world import BACKGROUND_PROMPT
+    from foba_core.prompts import BACKGROUND_PROMPT
 
     plain, mixed = ToyWorld("train", size=200, seed=0), ToyWorld("train", size=200, seed=0, background_fraction=0.3)
     backgrounds = [i for i in range(200) if mixed[i]["label"] == "background"]

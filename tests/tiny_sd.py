@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from foba_core.prompts import BACKGROUND_PROMPT, object_prompt
 from foba_core.toy.ldm import RADIOLOGY_WORDS, clip_tokenizer
-from foba_core.toy.world import BACKGROUND_PROMPT, OBJECT_CLASSES, object_prompt
+from foba_core.toy.world import OBJECT_CLASSES
 
 # Words the tiny tokenizer knows whole; anything else splits into sub-tokens as with real CLIP.
 TINY_WORDS = " ".join(

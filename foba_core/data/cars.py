@@ -35,7 +35,7 @@ import numpy as np
 from foba_core.data._io import (
     RecordDataset, check_split, load_mat, mat_number, mat_string, mat_strings, mat_struct_rows,
 )
-from foba_core.toy.world import object_prompt
+from foba_core.prompts import object_prompt
 
 _BOX_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 _ANNOTATION_FIELDS = (*_BOX_FIELDS, "class", "fname")
@@ -106,6 +106,7 @@ class StanfordCars(RecordDataset):
     """Stanford Cars split as dataset items with the car's one ``box`` (original resolution)."""
 
     dataset_name = "Stanford Cars"
+    class_word = "car"  # the object word of y_f = "a photo of a car" (paper Sec. 3)
 
     def __init__(self, root: str | Path, split: str = "test"):
         split = check_split(split)
@@ -120,7 +121,7 @@ class StanfordCars(RecordDataset):
                 f"missing {devkit / 'cars_meta.mat'} and {devkit / 'cars_train_annos.mat'} (car_devkit.tgz, with "
                 f"cars_train/, cars_test/ and cars_test_annos_withlabels.mat) and {root / 'cars_annos.mat'} "
                 "(with car_ims/): point root at a folder holding one of the two Stanford Cars distributions")
-        super().__init__(records, caption=object_prompt("car"))
+        super().__init__(records, caption=object_prompt(self.class_word))
 
     @staticmethod
     def _devkit_records(root: Path, split: str) -> list[dict]:

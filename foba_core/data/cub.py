@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from foba_core.data._io import RecordDataset, check_split, require_file
-from foba_core.toy.world import object_prompt
+from foba_core.prompts import object_prompt
 
 MASK_THRESHOLD = 127  # foreground: value / 255 > 0.5, a strict majority of the annotators
 
@@ -103,6 +103,7 @@ class CUB200(RecordDataset):
     """
 
     dataset_name = "CUB-200-2011"
+    class_word = "bird"  # the object word of y_f = "a photo of a bird" (paper Sec. 3)
 
     def __init__(self, root: str | Path, split: str = "test", masks: bool | None = True,
                  mask_threshold: int = MASK_THRESHOLD):
@@ -151,4 +152,4 @@ class CUB200(RecordDataset):
                 "boxes": np.array([[x, y, x + w, y + h]]),  # (x, y): top-left corner, 0-based; sizes in pixels
                 "mask_path": segmentations / name.with_suffix(".png") if segmentations is not None else None,
             })
-        super().__init__(records, caption=object_prompt("bird"), mask_threshold=mask_threshold)
+        super().__init__(records, caption=object_prompt(self.class_word), mask_threshold=mask_threshold)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from foba_core.data._io import RecordDataset, check_split, load_mat, mat_numbers, mat_strings, require_file
-from foba_core.toy.world import object_prompt
+from foba_core.prompts import object_prompt
 
 _LIST_FIELDS = ("file_list", "annotation_list", "labels")
 _XML = "a Stanford Dogs annotation (VOC-style XML without file extension, one <object><bndbox> per dog)"
@@ -86,6 +86,7 @@ class StanfordDogs(RecordDataset):
     """Stanford Dogs split as dataset items with all dogs' ``boxes`` (original resolution)."""
 
     dataset_name = "Stanford Dogs"
+    class_word = "dog"  # the object word of y_f = "a photo of a dog" (paper Sec. 3)
 
     def __init__(self, root: str | Path, split: str = "test"):
         split = check_split(split)
@@ -102,7 +103,7 @@ class StanfordDogs(RecordDataset):
                     "label": folder.split("-", 1)[-1].replace("_", " "),
                     "class_id": label,  # 1-based, as in the lists
                 })
-        super().__init__(records, caption=object_prompt("dog"))
+        super().__init__(records, caption=object_prompt(self.class_word))
 
     def record_annotation(self, record: dict) -> tuple[np.ndarray, tuple[int, int] | None]:
         """Return all dogs' boxes of the record and the annotated size, parsed from its XML annotation."""

@@ -49,7 +49,7 @@ from PIL import Image
 
 from foba_core.data._io import RecordDataset, check_split, require_file
 from foba_core.io import atomic_write
-from foba_core.toy.world import object_prompt
+from foba_core.prompts import object_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +365,7 @@ class Human36M(RecordDataset):
     """
 
     dataset_name = "Human3.6M subset"
+    class_word = "human"  # the object word of y_f = "a photo of a human" (paper Sec. 3)
 
     def __init__(self, root: str | Path, split: str = "test", prepared_dir: str | Path | None = None, **prepare):
         split = check_split(split)
@@ -398,7 +399,7 @@ class Human36M(RecordDataset):
                 "mask_path": root / row.mask if row.mask else None,
                 "subject": row.subject, "action": row.action, "camera": row.camera, "frame": int(float(row.frame)),
             })
-        super().__init__(records, caption=object_prompt("human"))
+        super().__init__(records, caption=object_prompt(self.class_word))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from foba_core.toy.world import BACKGROUND_PROMPT, OBJECT_CLASSES, object_prompt
+from foba_core.prompts import BACKGROUND_PROMPT, object_prompt
+from foba_core.toy.world import OBJECT_CLASSES
 
 # Words of the phantom chest X-ray reports, so that the toy tokenizer has them as whole words or
 # (for the rarer ones) as a few sub-tokens, as a real CLIP tokenizer would.

@@ -12,17 +12,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from foba_core import prompts
+
 OBJECT_CLASSES = ("circle", "square", "triangle", "star", "cross", "diamond")
 BACKGROUNDS = ("noise", "stripes", "gradient", "blotches", "checker")
 SPLITS = {"train": 0, "val": 1, "test": 2}
-
-
-def object_prompt(name: str) -> str:
-    """Return the foreground prompt y_f = "a photo of a {object}" (paper Sec. 3)."""
-    return f"a photo of a {name}"
-
-
-BACKGROUND_PROMPT = "a photo of a background"  # y_b (paper Sec. 3)
 
 
 def _shape_polygon(name: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -137,7 +131,11 @@ class ToyWorld(torch.utils.data.Dataset):
     so the other items stay the scenes of ``background_fraction=0``) is a background without an
     object: label "background", caption y_b, an empty mask and no boxes. The toy LDM's pretraining
     uses them so that y_b means what it means to a foundation model (paper Sec. 3).
+
+    ``class_word`` is None: unlike a real dataset's readers, the object word of y_f is each item's ``label``.
     """
+
+    class_word = None
 
     def __init__(self, split: str = "train", size: int | None = None, image_size: int = 32, seed: int = 0,
                  classes: tuple[str, ...] | None = None, background_fraction: float = 0.0):
@@ -169,7 +167,7 @@ class ToyWorld(torch.utils.data.Dataset):
             "image": torch.from_numpy(scene["image"]).permute(2, 0, 1).contiguous(),  # (3, H, W) in [0, 1]
             "mask": torch.from_numpy(scene["mask"]),  # (H, W) bool
             "boxes": torch.tensor([scene["box"]], dtype=torch.int64),  # (1, 4)
-            "caption": object_prompt(name),
+            "caption": prompts.object_prompt(name),  # y_f of the item's own label
             "label": name,
             "background": scene["background"],
             "id": self._item_id(index),
@@ -184,7 +182,7 @@ class ToyWorld(torch.utils.data.Dataset):
             "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
             "mask": torch.zeros(self.image_size, self.image_size, dtype=torch.bool),
             "boxes": torch.zeros(0, 4, dtype=torch.int64),
-            "caption": BACKGROUND_PROMPT,
+            "caption": prompts.BACKGROUND_PROMPT,  # y_b
             "label": "background",
             "background": kind,
             "id": self._item_id(index),
