@@ -65,6 +65,12 @@ def init_process_group(device: torch.device | str | None = None) -> torch.device
     return device
 
 
+def barrier() -> None:
+    """Wait until every process of the group gets here (nothing to wait for without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def destroy_process_group() -> None:
     """Leave the process group (after a barrier, so that no process exits while rank 0 is still writing)."""
     if is_distributed():

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from foba_core import tracking
+from foba_core import distributed, tracking
 from foba_core.io import write_json
 
 RECORD = "stage.json"
@@ -58,15 +58,17 @@ class Stage:
     ``settings`` are the values that shape the stage's outputs (batch sizes and progress bars are not);
     ``needs`` names the stages whose outputs it reads, which must be complete. ``run()`` returns the stage.
     With ``tracking_uri`` (or ``--tracking mlflow``) the stage's settings and ``metrics`` go to one MLflow run.
+    Under torchrun every process runs the work (rank 0 alone with ``rank0_only``, while the others wait); rank 0
+    alone writes the record and empties a stale folder.
     """
 
     def __init__(self, name: str, output_dir: str, settings: dict | None = None, needs: Sequence[str] = (),
                  work=None, metrics: Callable[[], dict] | None = None, experiment_name: str = "foba",
-                 tracking_uri: str | None = None):
+                 tracking_uri: str | None = None, rank0_only: bool = False):
         self.name, self.output_dir = str(name), os.path.abspath(output_dir)
         self.settings, self.needs = plain(settings or {}), [str(n) for n in needs]
         self.work = [] if work is None else list(work) if isinstance(work, (list, tuple)) else [work]
-        self.metrics, self.experiment = metrics, experiment_name
+        self.metrics, self.experiment, self.rank0_only = metrics, experiment_name, bool(rank0_only)
         self.uri = tracking.tracking_uri(self.output_dir, tracking_uri)
 
     @property
@@ -108,24 +110,32 @@ class Stage:
 
     def run(self) -> Stage:
         """Skip the stage if its outputs are current, else (re)compute them; return the stage."""
+        distributed.barrier()  # every process reads the record before any process writes it
         new, old = self.wanted(), read_record(self.folder)
         if old and old.get("digest") == new["digest"] and old.get("complete"):
             print(f"stage {self.name}: skipped, its outputs in {self.folder} match the settings", flush=True)
             return self
+        rank0 = distributed.is_rank0()
         if old and old.get("digest") != new["digest"]:
             print(f"stage {self.name}: rerun ({'; '.join(self.changes(old, new)) or 'record changed'})", flush=True)
-            shutil.rmtree(self.folder)
+            if rank0:
+                shutil.rmtree(self.folder)
         elif old:
             print(f"stage {self.name}: resuming the unfinished run in {self.folder}", flush=True)
         else:
             print(f"stage {self.name}: running", flush=True)
-        write_json({**new, "complete": False}, self.path(RECORD))
+        if rank0:
+            write_json({**new, "complete": False}, self.path(RECORD))
+        distributed.barrier()  # no process starts before rank 0 has emptied a stale folder
         start = time.perf_counter()
-        with tracking.stage_run(self.name, self.uri, self.experiment, self.settings) as log:
-            for work in self.work:
-                work.run() if hasattr(work, "run") else work()
-            log(self.metrics() if self.metrics is not None else None)
-        write_json({**new, "complete": True, "seconds": time.perf_counter() - start}, self.path(RECORD))
+        if rank0 or not self.rank0_only:
+            with tracking.stage_run(self.name, self.uri if rank0 else None, self.experiment, self.settings) as log:
+                for work in self.work:
+                    work.run() if hasattr(work, "run") else work()
+                log(self.metrics() if self.metrics is not None else None)
+        if rank0:
+            write_json({**new, "complete": True, "seconds": time.perf_counter() - start}, self.path(RECORD))
+        distributed.barrier()
         return self
 
 

@@ -667,13 +667,15 @@ def test_h36m_v5_mask_files_and_raw_copy_through_open_dataset(tmp_path):
 
 # ---------------------------------------------------------------- open_images
 
-def test_open_images_lives_in_foba_core_data(tmp_path):
-    import foba_core.pipeline as pipeline
+def test_open_images_takes_subsets_of_stored_data_and_sizes_of_generated_data(tmp_path):
     from foba_core.data import open_images
 
-    assert pipeline.open_images is open_images
     make_dogs(tmp_path)
     assert len(open_images("dogs", tmp_path, "all", 2)) == 2 and len(open_images("toy", None, "test", 3)) == 3
+    with pytest.raises(ValueError, match="--dataset_dir"):
+        open_images("dogs", None, "all")
+    with pytest.raises(ValueError, match="Did you mean 'dogs'"):
+        open_images("dog", tmp_path, "all")
 
 
 def test_cars_annotations_saved_in_other_struct_shapes(tmp_path):

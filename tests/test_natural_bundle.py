@@ -1,4 +1,4 @@
-"""The foba_natural bundle: its helpers, and the whole pipeline on a tiny random SD-layout model with tiny copies
+"""The foba_natural bundle: its helpers, and the whole main job on a tiny random SD-layout model with tiny copies
 of CUB (pixel masks) and Stanford Dogs (boxes, two dogs in the test image) in their real on-disk layouts."""
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ import pytest
 import torch
 from test_data_readers import make_cub, make_dogs
 
-from foba_core.pipeline import (
-    FID_NOT_COMPUTED, METHODS, PAPER_TABLE3, ConceptDistillation, box_masks, box_scores, collect_table3, ground_truth,
-    open_images, write_table3,
-)
+from foba_core.data import open_images
+from foba_core.outputs import box_masks, box_scores
+from foba_core.report import METHODS, PAPER_TABLE3, collect_table3, write_table3
+from foba_core.splits import SplitImages, cache_split
+from foba_core.synthesis import FID_NOT_COMPUTED
 
-BUNDLE = os.path.join(os.path.dirname(__file__), "..", "bundles", "foba_natural", "configs")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+BUNDLE = os.path.join(ROOT, "bundles", "foba_natural", "configs")
+STAGES = [f"configs/stages/{s}.yaml" for s in ("stage1", "finetune", "refine", "segment", "guidance", "report")]
 
 
 def test_open_images_takes_a_fixed_random_subset_of_a_real_split(tmp_path):
@@ -35,21 +38,29 @@ def test_open_images_takes_a_fixed_random_subset_of_a_real_split(tmp_path):
         open_images("toy", None, "test")
 
 
-def test_ground_truth_maps_boxes_and_masks_through_the_model_geometry(tmp_path):
+def test_the_image_cache_maps_boxes_and_masks_through_the_model_geometry(tmp_path):
     make_dogs(tmp_path)
-    truth = ground_truth(open_images("dogs", tmp_path, "test"), size=15, masks=False)
+    dogs = SplitImages(cache_split(open_images("dogs", tmp_path, "test"), str(tmp_path / "c1"), size=15))
     # 40x30 -> 20x15, the centre crop starts at x = 2: both dogs are halved, shifted and clipped to the crop
-    assert truth["ids"] == ["n02085620_9"] and truth["masks"] is None
-    assert truth["boxes"][0].tolist() == [[0, 1, 5, 14], [10, 2, 15, 11]]
-    cropped = ground_truth(open_images("dogs", tmp_path, "test"), size=4, masks=False)  # 5x4 -> the crop keeps x 0..4
-    assert all(((b[:, 2:] > b[:, :2]).all() for b in cropped["boxes"]))  # boxes cut to nothing are dropped
+    assert dogs.ids == ["n02085620_9"] and dogs.masks() is None and dogs[0]["image"].shape == (3, 15, 15)
+    assert dogs.boxes()[0].tolist() == [[0, 1, 5, 14], [10, 2, 15, 11]]
+    cropped = SplitImages(cache_split(open_images("dogs", tmp_path, "test"), str(tmp_path / "c2"), size=4))
+    assert all(((b[:, 2:] > b[:, :2]).all() for b in cropped.boxes()))  # boxes cut to nothing are dropped
     make_cub(tmp_path)
-    cub = ground_truth(open_images("cub", tmp_path, "train"), size=15, masks=True)
-    assert cub["masks"].shape == (2, 15, 15) and cub["masks"].dtype == torch.bool
-    for mask, box in zip(cub["masks"], cub["boxes"]):  # the bird's mask lies inside its box
+    data = open_images("cub", tmp_path, "train")
+    cub = SplitImages(cache_split(data, str(tmp_path / "c3"), size=15, image_dtype="uint8", chunk_size=1))
+    assert cub.masks().shape == (2, 15, 15) and cub.masks().dtype == torch.bool
+    for mask, box in zip(cub.masks(), cub.boxes()):  # the bird's mask lies inside its box
         x1, y1, x2, y2 = box[0].tolist()
         assert mask.any() and not mask[:y1].any() and not mask[y2:].any()
         assert not mask[:, :x1].any() and not mask[:, x2:].any()
+    from foba_core.transforms import resize_center_crop
+
+    exact = resize_center_crop(data[1]["image"], 15)
+    assert (cub[1]["image"] - exact).abs().max() <= 0.5 / 255 + 1e-6  # uint8 cache: within half a grey level
+    (tmp_path / "c3" / "images_0000001.safetensors").write_bytes(b"broken")
+    with pytest.raises(ValueError, match="images_0000001.safetensors is unreadable"):
+        SplitImages(str(tmp_path / "c3"))[1]
 
 
 def test_box_masks_and_box_scores_use_the_union_of_several_objects():
@@ -76,38 +87,8 @@ def test_table3_has_the_papers_shape_and_merges_runs(tmp_path):
     assert "| this implementation | 12.3 | 70.0 |" in (tmp_path / "table3.md").read_text()
     with pytest.raises(ValueError, match="same dataset"):
         collect_table3([str(tmp_path / "cub"), str(tmp_path / "cub")], str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="pipeline.yaml"):
+    with pytest.raises(FileNotFoundError, match="main job"):
         collect_table3([str(tmp_path / "cars")], str(tmp_path))
-
-
-def test_pipeline_refuses_missing_or_mismatched_inputs(tmp_path):
-    with pytest.raises(ValueError, match="--pretrained"):
-        ConceptDistillation(tmp_path, pretrained=None, dataset="cub", dataset_dir=tmp_path, fid_network=None)
-    with pytest.raises(ValueError, match="--dataset_dir"):
-        ConceptDistillation(tmp_path, pretrained="x", dataset="cars", fid_network=None)
-    with pytest.raises(ValueError, match="--fid_network"):
-        ConceptDistillation(tmp_path, pretrained="x", dataset="cub", dataset_dir=tmp_path)
-    with pytest.raises(ValueError, match="Did you mean 'dogs'"):
-        ConceptDistillation(tmp_path, pretrained="x", dataset="dog", dataset_dir=tmp_path, fid_network=None)
-
-
-def test_pipeline_refuses_to_reuse_outputs_computed_with_other_settings(tmp_path):
-    import json
-
-    from foba_core.pipeline import SETTING_OUTPUTS
-
-    first = ConceptDistillation(tmp_path, segment_steps=1500, fid_network=None)
-    assert set(first.settings) <= set(SETTING_OUTPUTS)  # every recorded setting says which outputs it shapes
-    first.check_settings()
-    assert json.loads((tmp_path / "settings.json").read_text())["segment_steps"] == 1500
-    ConceptDistillation(tmp_path, segment_steps=1500, fid_network=None).check_settings()  # same settings: resumes
-    with pytest.raises(ValueError, match=r"segment_steps: 1500 before, 500 now -> stages/unet_\*\.pt and unets/"):
-        ConceptDistillation(tmp_path, segment_steps=500, fid_network=None).check_settings()
-    with pytest.raises(ValueError, match="t0: 40 before, 20 now -> every stage"):
-        ConceptDistillation(tmp_path, segment_steps=1500, t0=20, fid_network=None).check_settings()
-    (tmp_path / "settings.json").write_text("{not json")
-    with pytest.raises(ValueError, match="settings.json is unreadable"):
-        first.check_settings()
 
 
 TINY = dict(  # every stage, at the size of the tiny model (16 px images, 8x8 latents) and a few steps each
@@ -118,14 +99,22 @@ TINY = dict(  # every stage, at the size of the tiny model (16 px images, 8x8 la
 )
 
 
-def _run(**overrides) -> None:
+def _run(dataset: str, capsys=None, **overrides) -> str:
+    """Run the natural main job on ``dataset`` from the repository root; return what it printed (with ``capsys``)."""
     from monai.bundle import run
 
-    run(config_file=os.path.join(BUNDLE, "pipeline.yaml"), **TINY, **overrides)
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the stage configs name configs/ relative to the repository root
+    try:
+        files = STAGES + [f"configs/datasets/{dataset}.yaml", os.path.join(BUNDLE, "pipeline.yaml")]
+        run(config_file=files, **TINY, **overrides)
+    finally:
+        os.chdir(cwd)
+    return capsys.readouterr().out if capsys is not None else ""
 
 
 @pytest.mark.slow
-def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path):
+def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path, capsys):
     from tiny_sd import save_tiny_sd
 
     from foba_core.fid import ToyFeatureNet
@@ -136,40 +125,46 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path)
     make_dogs(tmp_path / "dogs")
 
     cub = tmp_path / "runs" / "cub"
-    _run(dataset="cub", dataset_dir=str(tmp_path / "cub"), pretrained=str(tmp_path / "sd"), output_dir=str(cub),
-         fid_network=str(tmp_path / "net.pt"))
+    common = dict(dataset_dir=str(tmp_path / "cub"), pretrained=str(tmp_path / "sd"), output_dir=str(cub),
+                  fid_network=str(tmp_path / "net.pt"))
+    _run("cub", **common)
     results = pd.read_csv(cub / "results.csv")
-    assert list(results.columns) == ["method", "acc", "iou", "miou"] and tuple(results["method"]) == METHODS
+    assert list(results.columns) == ["method", "acc", "iou", "miou"] and tuple(results["method"]) == tuple(METHODS)
     assert results[["acc", "iou", "miou"]].apply(lambda c: c.between(0, 100)).all().all()
     table = pd.read_csv(cub / "table3.csv")
     assert len(table) == 1 and table.loc[0, "dataset"] == "cub" and table.loc[0, "iou_kind"] == "pixel IoU"
     assert (table.loc[0, "paper_fid"], table.loc[0, "paper_iou"]) == PAPER_TABLE3["cub"]
     assert table.loc[0, "iou"] == pytest.approx(results.set_index("method").loc["unet_M", "iou"])
     assert math.isfinite(float(table.loc[0, "fid"])) and (table.loc[0, "n_train"], table.loc[0, "n_test"]) == (2, 1)
-    stage1 = torch.load(cub / "stage1_train" / "stage1.pt", weights_only=False)
+    stage1 = torch.load(cub / "stage1" / "train" / "stage1.pt", weights_only=True)
     assert stage1["m_pre"].shape == (2, 8, 8)  # images were resized to the model's 16 px before stage 1
     finetuned = json.loads((cub / "finetune" / "model" / "foba.json").read_text())
     assert finetuned["finetune"]["training"]["iterations"] == 2
-    assert len(os.listdir(cub / "stages" / "refine_train")) == 2  # one cached chunk per image (chunk_size 1)
+    assert sorted(os.listdir(cub / "refine" / "parts")) == [  # one stored batch per split (refine_batch_size 2)
+        "test_0000000-0000001.safetensors", "train_0000000-0000002.safetensors"]
     for picture in ("mask_grid.png", "backgrounds.png", "guidance_strip.png", "table3.md", "results.md"):
         assert (cub / picture).is_file()
     throughput = re.search(r"Refinement throughput: ([0-9.]+) s per image \((\d+) images, DDIMScheduler with (\d+) steps",
                            (cub / "results.md").read_text())
     assert throughput and float(throughput[1]) > 0 and int(throughput[2]) == 3  # 2 train + 1 test images
 
-    model_time = os.path.getmtime(cub / "finetune" / "model" / "model_index.json")
-    _run(dataset="cub", dataset_dir=str(tmp_path / "cub"), pretrained=str(tmp_path / "sd"), output_dir=str(cub),
-         fid_network=str(tmp_path / "net.pt"))  # a rerun resumes: every stage is read back, nothing recomputed
-    assert json.loads((cub / "timings.json").read_text())["timings"] == {}
-    assert os.path.getmtime(cub / "finetune" / "model" / "model_index.json") == model_time
-    assert pd.read_csv(cub / "results.csv").equals(results)
-    assert "Refinement throughput: not measured" in (cub / "results.md").read_text()
+    records = {n: (cub / n / "stage.json").read_text() for n in os.listdir(cub) if (cub / n / "stage.json").exists()}
+    out = _run("cub", capsys, **common)  # a rerun: every stage is read back, nothing recomputed
+    assert {n: (cub / n / "stage.json").read_text() for n in records} == records
+    assert out.count(": skipped,") == len(records) == 11 and pd.read_csv(cub / "results.csv").equals(results)
+
+    out = _run("cub", capsys, **common, refine_samples=2)  # one changed setting: exactly its dependants rerun
+    rerun = sorted(re.findall(r"stage (\S+): rerun", out))
+    assert rerun == ["refine", "synthetic", "unet_M", "unet_M_plus_synthetic"], out
+    assert "refine_samples: 4 -> 2" in out
+    skipped = set(re.findall(r"stage (\S+): skipped", out))
+    assert skipped == {"images", "stage1", "finetune", "crop", "unet_M_pre", "unet_supervised", "guidance"}
 
     dogs = tmp_path / "runs" / "dogs"
-    _run(dataset="dogs", dataset_dir=str(tmp_path / "dogs"), pretrained=str(tmp_path / "sd"), output_dir=str(dogs),
+    _run("dogs", dataset_dir=str(tmp_path / "dogs"), pretrained=str(tmp_path / "sd"), output_dir=str(dogs),
          max_images=2, amp=True)  # autocast is CUDA-only: on the CPU the option must leave training intact
     results = pd.read_csv(dogs / "results.csv")
-    assert list(results.columns) == ["method", "box_iou", "box_iou_best"] and tuple(results["method"]) == METHODS
+    assert list(results.columns) == ["method", "box_iou", "box_iou_best"] and tuple(results["method"]) == tuple(METHODS)
     assert (results["box_iou"].between(0, 100) & results["box_iou_best"].between(0, 100)).all()
     table = pd.read_csv(dogs / "table3.csv", keep_default_na=False)
     assert table.loc[0, "fid"] == FID_NOT_COMPUTED and table.loc[0, "iou_kind"].startswith("box IoU")
@@ -182,7 +177,6 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path)
     merged = pd.read_csv(tmp_path / "table3.csv", keep_default_na=False)
     assert merged["dataset"].tolist() == ["cub", "dogs"]
     assert "Stanford Dogs FID ↓" in (tmp_path / "table3.md").read_text()
-
 
 
 def test_recipe_command_line_values_reach_the_stage_configs_as_the_pipeline_passes_them():

@@ -35,30 +35,34 @@ __all__ = ["DATASETS", "READERS", "SUBSET_SEED", "open_dataset", "open_images"]
 def open_dataset(name: str, root: str | Path | None, split: str = "test", **kwargs) -> Dataset:
     """Return the ``split`` (train, test or all) of dataset ``name`` (cub, dogs, cars, h36m, toy) stored at ``root``.
 
-    ``toy`` ignores ``root`` and builds ``foba_core.toy.world.ToyWorld(split=split, **kwargs)``, whose splits
-    are train, val and test. Extra keyword arguments go to the reader (e.g. ``masks=False`` for CUB,
-    ``prepared_dir=`` for a raw Human3.6M copy). docs/datasets.md describes each dataset's layout.
+    A generated dataset (its reader's ``generated`` is true: the toy world, whose splits are train, val and
+    test) ignores ``root``. Extra keyword arguments go to the reader (e.g. ``masks=False`` for CUB,
+    ``prepared_dir=`` for a raw Human3.6M copy, ``size=`` for the toy world). docs/datasets.md describes
+    each dataset's layout.
     """
-    name = check_option(name, DATASETS, "dataset")
-    module, cls = READERS[name]
+    module, cls = READERS[check_option(name, DATASETS, "dataset")]
     reader = getattr(importlib.import_module(module), cls)
-    if name == "toy":
+    if getattr(reader, "generated", False):
         return reader(split=split, **kwargs)
     if root is None:
-        raise ValueError(f"open_dataset({name!r}): root is None; pass the folder that holds the {name} files")
+        raise ValueError(f"open_dataset({name!r}): root is None; pass the folder that holds the {name} files "
+                         "(--dataset_dir)")
     return reader(root, split=split, **kwargs)
 
 
 def open_images(dataset: str, root, split: str, n_images: int | None = None) -> Dataset:
-    """Return the images D of one split: ``n_images`` toy scenes, or a fixed random subset of ``n_images`` (None: all).
+    """Return the images D of one split: ``n_images`` generated items, or a fixed random subset of ``n_images``.
 
-    The subset of a real dataset is the first ``n_images`` of one permutation seeded by ``SUBSET_SEED``,
-    kept in the dataset's order, so every stage that opens the split with the same N sees the same images.
+    The subset of a stored dataset is the first ``n_images`` of one permutation seeded by ``SUBSET_SEED``,
+    kept in the dataset's order, so every stage that opens the split with the same N sees the same images
+    (None: all of them).
     """
-    if dataset == "toy":
+    module, cls = READERS[check_option(dataset, DATASETS, "dataset")]
+    if getattr(getattr(importlib.import_module(module), cls), "generated", False):
         if n_images is None:
-            raise ValueError("the toy world is generated: pass the number of images (n_images / n_train / n_test)")
-        return open_dataset("toy", None, split=split, size=int(n_images))
+            raise ValueError(f"the {dataset} world is generated: pass the number of images (n_images / n_train / "
+                             "n_test)")
+        return open_dataset(dataset, None, split=split, size=int(n_images))
     data = open_dataset(dataset, root, split=split)
     if len(data) == 0:
         raise ValueError(f"the {split} split of {dataset} at {root} holds no images; check the folder "

@@ -137,6 +137,8 @@ class ToyWorld(torch.utils.data.Dataset):
 
     class_word = None
 
+    generated = True  # items are made from (seed, split, index), not read from a folder
+
     def __init__(self, split: str = "train", size: int | None = None, image_size: int = 32, seed: int = 0,
                  classes: tuple[str, ...] | None = None, background_fraction: float = 0.0):
         if split not in SPLITS:
