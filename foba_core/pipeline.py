@@ -479,9 +479,9 @@ class ConceptDistillation:
 
     def run(self) -> list[dict]:
         """Run every stage; write results.csv/.md, fid.csv, table3.csv/.md (real data) and the PNGs; return the rows."""
+        from foba_core.diffusion import model_resolution
         from foba_core.guidance import guidance_strip
         from foba_core.models import load_pipeline
-        from foba_core.preliminary import model_resolution
 
         start = time.perf_counter()
         self.check_settings()
@@ -550,9 +550,9 @@ class ConceptDistillation:
         Real images: the toy world's val split, or the training images D of a real dataset (at the model's
         resolution). Without a feature network the FID rows say ``FID_NOT_COMPUTED``.
         """
+        from foba_core.diffusion import reconstruct
         from foba_core.fid import fid_label, frechet_distance, object_score
         from foba_core.metrics import feature_statistics
-        from foba_core.refine import reconstruct
         from foba_core.toy.world import ToyWorld, toy_backgrounds
 
         net = self.feature_network()
