@@ -4,7 +4,9 @@ The trainer is MONAI's own ``SupervisedTrainer`` with ``network=unet``: ``Diffus
 ``prepare_batch`` (it draws latent-shaped noise and timesteps, so MONAI's image-shaped
 ``DiffusionPrepareBatch`` is not used) and ``noise_loss`` its ``loss_function``. The same pieces
 serve toy pretraining, the foreground/background fine-tuning and the MIMIC-CXR fine-tuning.
-``to_diffusion_latents`` / ``to_vae_latents`` are the one place where VAE latents are normalised.
+``to_diffusion_latents`` / ``to_vae_latents`` are the one place where VAE latents are normalised, and
+``encode_latents`` / ``decode_latents`` (with ``vae_posterior``, ``reconstruct`` and ``model_resolution``)
+the one VAE codec between images in [0, 1] and the latents z the U-Net diffuses.
 """
 
 from __future__ import annotations
@@ -41,6 +43,36 @@ def to_vae_latents(vae, z: torch.Tensor) -> torch.Tensor:
     if stats is None:
         return z / vae.config.scaling_factor
     return z * stats[1] / vae.config.scaling_factor + stats[0]
+
+
+def model_resolution(pipe) -> int:
+    """Return the image side length the pipeline's U-Net was built for (sample_size x VAE factor)."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def vae_posterior(vae, images: torch.Tensor):
+    """Return q(z | x), the VAE encoder's diagonal Gaussian over raw latents, of images (B, 3, H, W) in [0, 1]."""
+    return vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist
+
+
+@torch.no_grad()
+def encode_latents(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Return z0: E[q(z | x)] for images (B, 3, H, W) in [0, 1], normalised as the U-Net diffuses it (deterministic)."""
+    return to_diffusion_latents(pipe.vae, vae_posterior(pipe.vae, images).mean)
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Return the decoded images (B, 3, H, W) in [0, 1] of diffusion latents (the VAE's normalisation undone)."""
+    vae = pipe.vae
+    x = vae.decode(to_vae_latents(vae, latents.to(vae.device, vae.dtype))).sample
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruct(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Return D(E(x)): images (B, 3, H, W) in [0, 1] encoded and decoded by the VAE alone (no diffusion)."""
+    return decode_latents(pipe, encode_latents(pipe, images))
 
 
 @torch.no_grad()
@@ -93,7 +125,7 @@ class DiffusionBatch:
     def encode_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Return z0: a sample of q(z | x) for images in [0, 1], normalised as the U-Net diffuses it."""
         with torch.no_grad():
-            dist = self.vae.encode(images * 2 - 1).latent_dist
+            dist = vae_posterior(self.vae, images)
             noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
             return to_diffusion_latents(self.vae, dist.mean + dist.std * noise)
 

@@ -142,7 +142,7 @@ class FineTuneDataset(torch.utils.data.Dataset):
         h, w = m_pre.shape[-2:]
         if image_size is not None and (image_size % h or image_size % w or image_size // h != image_size // w):
             raise ValueError(f"FineTuneDataset: image_size {image_size} is not a multiple of the latent size "
-                             f"{h}x{w} of M_pre; pass the model's resolution (preliminary.model_resolution(pipe))")
+                             f"{h}x{w} of M_pre; pass the model's resolution (diffusion.model_resolution(pipe))")
         self.items, self.m_pre = items, m_pre.bool().cpu()
         self.object_prompt, self.background_prompt = object_prompt, background_prompt
         self.seed, self.image_size, self.draws, self.p_inpaint = int(seed), image_size, int(draws), float(p_inpaint)

@@ -16,8 +16,8 @@ import numbers
 import numpy as np
 import torch
 
+from foba_core.diffusion import decode_latents
 from foba_core.models import encode_prompts, make_scheduler
-from foba_core.refine import decode_latents
 from foba_core.prompts import BACKGROUND_PROMPT
 from foba_core.visualize import save_grid, to_uint8
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from foba_core.capture import authors_timesteps, heat_maps, token_indices, token_weights
-from foba_core.diffusion import to_diffusion_latents
+from foba_core.diffusion import encode_latents, model_resolution
 from foba_core.distributed import gather_to_rank0
 from foba_core.io import write_csv, write_json, write_torch
 from foba_core.masks import preliminary_masks, upsample_mask
@@ -28,19 +28,6 @@ from foba_core.metrics import accuracy, auc_roc, foreground_iou, mean_iou
 from foba_core.models import encode_prompts
 from foba_core.transforms import resize_center_crop
 from foba_core.visualize import heat_overlay, mask_overlay, save_grid, to_uint8
-
-
-def model_resolution(pipe) -> int:
-    """Return the image side length the pipeline's U-Net was built for (sample_size x VAE factor)."""
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-
-
-@torch.no_grad()
-def encode_latents(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Return z0: E[q(z | x)] for images (B, 3, H, W) in [0, 1], normalised as the U-Net diffuses it (deterministic)."""
-    vae = pipe.vae
-    x = images.to(vae.device, vae.dtype) * 2 - 1
-    return to_diffusion_latents(vae, vae.encode(x).latent_dist.mean)
 
 
 class Stage1Step:

@@ -19,10 +19,9 @@ import os
 
 import torch
 
-from foba_core.diffusion import to_vae_latents
+from foba_core.diffusion import decode_latents, encode_latents
 from foba_core.masks import flip_crop_inpaint, refined_mask, upsample_mask
 from foba_core.models import encode_prompts, make_scheduler
-from foba_core.preliminary import encode_latents
 from foba_core.prompts import BACKGROUND_PROMPT
 
 
@@ -83,20 +82,6 @@ def inpaint_latents(pipe, z0: torch.Tensor, m_pre: torch.Tensor, prompt: str = B
             known = z0
         latents = torch.where(fg, latents, known)
     return latents
-
-
-@torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Return the decoded images (B, 3, H, W) in [0, 1] of diffusion latents (the VAE's normalisation undone)."""
-    vae = pipe.vae
-    x = vae.decode(to_vae_latents(vae, latents.to(vae.device, vae.dtype))).sample
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
-@torch.no_grad()
-def reconstruct(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Return D(E(x)): images (B, 3, H, W) in [0, 1] encoded and decoded by the VAE alone (no diffusion)."""
-    return decode_latents(pipe, encode_latents(pipe, images))
 
 
 def _encode_images(pipe, images: torch.Tensor) -> torch.Tensor:

@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from foba_core.capture import authors_timesteps, heat_maps, span_token_indices, token_weights
+from foba_core.diffusion import encode_latents, model_resolution
 from foba_core.distributed import gather_to_rank0
 from foba_core.io import atomic_write
 from foba_core.masks import preliminary_masks, upsample_mask
 from foba_core.metrics import auc_roc, foreground_iou
 from foba_core.models import encode_prompts, load_pipeline
-from foba_core.preliminary import encode_latents, model_resolution
 from foba_core.transforms import map_boxes
 from foba_core.visualize import draw_boxes, heat_overlay, mask_overlay, save_grid, to_uint8
 from foba_med.ms_cxr import CXRPreprocess, MSCXRDataset, _find_image, map_mask

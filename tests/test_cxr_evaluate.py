@@ -90,7 +90,7 @@ def test_multi_token_summation_equals_the_sum_of_separate_captures(tiny_pipe):
     from foba_core.bench import reference_heat_maps
     from foba_core.capture import token_weights
     from foba_core.models import encode_prompts
-    from foba_core.preliminary import encode_latents
+    from foba_core.diffusion import encode_latents
 
     item = _item(40, 60, [[30, 5, 50, 20]])
     step = CXREvalStep(tiny_pipe, timesteps=[501, 101], seed=3)

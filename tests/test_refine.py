@@ -105,7 +105,7 @@ def test_inpainting_is_seeded_and_batch_independent(pipe):
 
 
 def test_real_unet_inpainting_keeps_background_latents_and_gets_the_key_mask(pipe):
-    from foba_core.preliminary import encode_latents
+    from foba_core.diffusion import encode_latents
 
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     z0 = encode_latents(pipe, images)
@@ -182,9 +182,7 @@ def test_crop_masks_recover_an_object_on_a_plain_background():
 def test_latent_normalisation_follows_the_vae_config_and_round_trips():
     from tiny_sd import tiny_pipeline
 
-    from foba_core.diffusion import to_diffusion_latents, to_vae_latents
-    from foba_core.preliminary import encode_latents
-    from foba_core.refine import decode_latents, reconstruct
+    from foba_core.diffusion import decode_latents, encode_latents, reconstruct, to_diffusion_latents, to_vae_latents
 
     pipe = tiny_pipeline(0)
     vae = pipe.vae
@@ -204,3 +202,8 @@ def test_latent_normalisation_follows_the_vae_config_and_round_trips():
     decoded = ((vae.decode(torch.tensor(mean).view(1, 4, 1, 1).expand(1, 4, 8, 8)).sample + 1) / 2).clamp(0, 1)
     assert torch.allclose(decode_latents(pipe, zeros), decoded, atol=1e-6)  # z = 0 is the mean latent
     assert torch.allclose(reconstruct(pipe, images), decode_latents(pipe, encode_latents(pipe, images)))
+    # the toy pretraining encodes its data set through the same codec (raw means, normalised afterwards)
+    from foba_core.toy.pretrain import encode_dataset
+
+    raw_means = encode_dataset(vae, [{"image": x, "caption": ""} for x in images], batch_size=1)
+    assert torch.allclose(to_diffusion_latents(vae, raw_means), encode_latents(pipe, images), atol=1e-6)

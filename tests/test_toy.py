@@ -117,7 +117,7 @@ def test_pretraining_lowers_the_loss_resumes_and_saves_an_sd_folder(tmp_path):
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
     # the VAE config centres and whitens the latents per channel: the training images' latents are N(0, 1)-like
     assert len(pipe.vae.config.latents_mean) == len(pipe.vae.config.latents_std) == pipe.vae.config.latent_channels
-    from foba_core.preliminary import encode_latents
+    from foba_core.diffusion import encode_latents
 
     world = ToyWorld("train", size=256, seed=0, background_fraction=0.15)
     z = encode_latents(pipe, torch.stack([world[i]["image"] for i in range(256)]))  # (256, C, h, w)

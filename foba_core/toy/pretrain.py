@@ -9,7 +9,7 @@ import shutil
 import torch
 from tqdm.auto import tqdm
 
-from foba_core.diffusion import to_diffusion_latents
+from foba_core.diffusion import to_diffusion_latents, vae_posterior
 from foba_core.toy.ldm import ToyLDMConfig, config_dict
 
 
@@ -43,12 +43,16 @@ def train_vae(vae, dataset, steps: int = 400, batch_size: int = 64, lr: float = 
 
 
 @torch.no_grad()
-def encode_latents(vae, dataset, batch_size: int = 500, device="cpu") -> torch.Tensor:
-    """Return the unscaled posterior means of every image of ``dataset`` (N, C, h, w)."""
+def encode_dataset(vae, dataset, batch_size: int = 500, device="cpu") -> torch.Tensor:
+    """Return the raw (not yet normalised) posterior means E[q(z | x)] of every image of ``dataset`` (N, C, h, w).
+
+    They are raw because the toy VAE's per-channel latents_mean / latents_std are measured on them
+    (:func:`vae_stage`); ``diffusion.to_diffusion_latents`` then normalises them like every other latent.
+    """
     out = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="encode latents", mininterval=5):
         x = _stack(dataset, range(start, min(start + batch_size, len(dataset))))[0].to(device)
-        out.append(vae.encode(x * 2 - 1).latent_dist.mean.cpu())
+        out.append(vae_posterior(vae, x).mean.cpu())
     return torch.cat(out)
 
 
@@ -79,7 +83,7 @@ def vae_stage(components: dict, dataset, work_dir: str, steps: int = 400, batch_
         latents, captions = state["latents"], state["captions"]
     else:
         losses = train_vae(vae, dataset, steps, batch_size, lr, seed=seed, device=device)
-        latents = encode_latents(vae, dataset, device=device)
+        latents = encode_dataset(vae, dataset, device=device)
         captions = [dataset[i]["caption"] for i in range(len(dataset))]
         os.makedirs(work_dir, exist_ok=True)
         torch.save({"vae": vae.state_dict(), "latents": latents, "captions": captions, "losses": losses}, cache + ".tmp")
