@@ -163,17 +163,22 @@ def collect_table3(runs: list[str], output_dir: str) -> list[dict]:
     return write_table3(rows, output_dir)
 
 
-def refinement_line(output_dir: str, n_images: int, settings: str) -> str:
-    """Return the results.md line on the refinement speed: seconds per image of inpainting + Eq. 5."""
+def refinement_line(output_dir: str, n_images: int, settings: tuple) -> str:
+    """Return the results.md line on the refinement speed: seconds per image of inpainting + Eq. 5.
+
+    ``settings`` = (scheduler, steps, inpaintings per image, batch size, device).
+    """
     seconds = stage_seconds(output_dir, ["refine"]).get("refine")
     if seconds is None or not n_images:
         return "Refinement throughput: not measured."
-    return f"Refinement throughput: {seconds / n_images:.3f} s per image ({n_images} images, {settings})."
+    scheduler, steps, samples, batch, device = settings
+    return (f"Refinement throughput: {seconds / n_images:.3f} s per image ({n_images} images, {scheduler} with "
+            f"{steps} steps, {samples} inpainting(s) per image, batch {batch}, on {device}).")
 
 
 def write_report(output_dir: str, test, n_train: int, box_evaluation: bool, fid_parts: list[str],
                  fid_network=None, fid_samples: int = 0, paper_column: str = "paper_fid",
-                 score_column: str = "score", dataset: str | None = None, refine_settings: str = "",
+                 score_column: str = "score", dataset: str | None = None, refine_settings: tuple = (),
                  stages: list[str] = ()) -> list[dict]:
     """Write results.csv/.md, fid.csv, table3.csv/.md (``dataset`` in Table 3), mask_grid.png and timings.json.
 
