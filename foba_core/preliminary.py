@@ -26,7 +26,7 @@ from foba_core.io import write_csv, write_json, write_torch
 from foba_core.masks import preliminary_masks, upsample_mask
 from foba_core.metrics import accuracy, auc_roc, foreground_iou, mean_iou
 from foba_core.models import encode_prompts
-from foba_core.transforms import resize_center_crop
+from foba_core.transforms import ResizeCenterCropd
 from foba_core.visualize import heat_overlay, mask_overlay, save_grid, to_uint8
 
 
@@ -49,9 +49,10 @@ class Stage1Step:
 
     def prepare(self, items: list[dict]) -> dict:
         """Return the model-resolution images, masks and prompts of a batch of items."""
-        images = torch.stack([resize_center_crop(it["image"].expand(3, -1, -1), self.size) for it in items])
-        masks = [resize_center_crop(it["mask"], self.size, is_mask=True) if it.get("mask") is not None else None
-                 for it in items]
+        geometry = ResizeCenterCropd(keys=("image", "mask"), size=self.size)  # a mask of None stays None
+        cropped = [geometry({"image": it["image"].expand(3, -1, -1), "mask": it.get("mask")}) for it in items]
+        images = torch.stack([c["image"] for c in cropped])  # (B, 3, S, S), grey replicated
+        masks = [c["mask"] for c in cropped]  # (S, S) bool or None
         words = [self.word if self.word is not None else it["label"] for it in items]
         return {"images": images, "masks": masks, "prompts": [it["caption"] for it in items], "words": words,
                 "ids": [str(it["id"]) for it in items]}

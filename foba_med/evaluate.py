@@ -6,7 +6,7 @@ for the words that express the finding (:func:`foba_med.vocabulary.find_disease_
 those words are captured and their maps summed (multi-token summation, supplement Sec. 8), giving
 M̂ = sum_t sum_l sum_k psi_{z_t,l}[:, k] (Eq. 4 over the finding's tokens k). M̂ is min-max normalised per
 image and scored against the union mask of the finding's boxes, mapped through exactly the resize and centre
-crop that the image goes through (:class:`foba_med.ms_cxr.CXRPreprocess`).
+crop that the image goes through (:func:`prepare_item`).
 
 Beyond the paper: the same M̂ binarised by a 2-component GMM (the paper's M_pre) and by a 3-component GMM
 keeping the brightest component (background / chest / finding), both scored by IoU against the box mask; the
@@ -42,9 +42,9 @@ from foba_core.io import atomic_write
 from foba_core.masks import preliminary_masks, upsample_mask
 from foba_core.metrics import auc_roc, foreground_iou
 from foba_core.models import encode_prompts, load_pipeline
-from foba_core.transforms import map_boxes
+from foba_core.transforms import ResizeCenterCropd
 from foba_core.visualize import draw_boxes, heat_overlay, mask_overlay, save_grid, to_uint8
-from foba_med.ms_cxr import CXRPreprocess, MSCXRDataset, _find_image, map_mask
+from foba_med.ms_cxr import MSCXRDataset, _find_image
 from foba_med.phantom import STAMP_FILE, write_phantom_mimic
 from foba_med.vocabulary import find_disease_words
 
@@ -146,12 +146,15 @@ def min_max(heat: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_item(item: dict, size: int, channels: int = 3) -> dict:
-    """Return the model input of one MS-CXR item: image (channels, size, size), its box mask and boxes, same crop."""
-    transform = CXRPreprocess(size)
-    height, width = item["image"].shape[-2:]
-    image = transform(item["image"]).clamp(0, 1).expand(channels, -1, -1)  # grayscale replicated
-    return {"image": image, "mask": map_mask(item["mask"], transform),
-            "boxes": map_boxes(torch.as_tensor(item["boxes"]).reshape(-1, 4), height, width, size)}
+    """Return the model input of one MS-CXR item: image (channels, size, size), its box mask and boxes, same crop.
+
+    One geometry for the three (``ResizeCenterCropd``): the radiograph area-averaged (bilinear when enlarged),
+    the mask by nearest neighbour, the boxes mapped (those cropped away entirely are dropped).
+    """
+    geometry = ResizeCenterCropd(keys=("image", "mask", "boxes"), size=size, image_mode="area")
+    out = geometry({key: item[key] for key in ("image", "mask", "boxes")})
+    image = out["image"].clamp(0, 1).expand(channels, -1, -1)  # grayscale replicated
+    return {"image": image, "mask": out["mask"], "boxes": out["boxes"]}
 
 
 class CXREvalStep:
