@@ -11,8 +11,6 @@ the one VAE codec between images in [0, 1] and the latents z the U-Net diffuses.
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 
@@ -161,12 +159,3 @@ def noise_loss(pred, target_and_mask) -> torch.Tensor:
     pred = pred.sample if hasattr(pred, "sample") else pred
     se = (pred.float() - target.float()).pow(2) * mask  # (B, C, h, w)
     return se.flatten(1).sum(1) / (mask.flatten(1).sum(1) * pred.shape[1]).clamp_min(1.0)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (MONAI's set_determinism without forcing deterministic kernels)."""
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -90,16 +90,6 @@ def _encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
     return encode_latents(pipe, images)
 
 
-@torch.no_grad()
-def inpaint_background(pipe, images: torch.Tensor, m_pre: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
-                       scheduler: str = "DDIMScheduler", num_inference_steps: int = 50, seed: int = 0,
-                       strength: float = 1.0) -> torch.Tensor:
-    """Return m'(z̃0, y_b): the images (B, 3, H, W) in [0, 1] with the foreground of M_pre inpainted by background."""
-    z0 = _encode_images(pipe, images)  # (B, C, h, w), the posterior mean
-    latents = inpaint_latents(pipe, z0, m_pre, prompt, scheduler, num_inference_steps, seed, strength)
-    return decode_latents(pipe, latents)
-
-
 # Inpainting k of image i draws from seed + i + k * stride: distinct seeds for data sets below a million images
 # (torch seeds its CPU generator from the low 32 bits, so the stride stays far below 2**32 / K).
 SAMPLE_SEED_STRIDE = 1_000_003
