@@ -1,5 +1,5 @@
-"""MS-CXR evaluation (foba_med.evaluate, bundles/foba_cxr/configs/evaluate.yaml): box masks through the image's
-resize/crop, multi-token summation, pixel AUC-ROC, skipped and missing findings, the bundle end to end."""
+"""MS-CXR evaluation (foba_med.evaluate and .scoring, bundles/foba_cxr/configs/evaluate.yaml): box masks through
+the image's resize/crop, multi-token summation, pixel AUC-ROC, skipped and missing findings, the bundle end to end."""
 
 from pathlib import Path
 
@@ -12,18 +12,15 @@ from sklearn.metrics import roc_auc_score
 from foba_med.evaluate import (
     TRAIN_COMMAND,
     CXREvalStep,
-    CXREvalWriter,
-    centre_prior,
     ensure_phantom,
     finding_seed,
     finding_tokens,
     load_model,
-    min_max,
     open_findings,
     prepare_item,
-    score_finding,
 )
 from foba_med.ms_cxr import MS_CXR_FILE, box_mask
+from foba_med.scoring import CXREvalWriter, centre_prior, min_max, score_finding
 
 EVALUATE = Path(__file__).resolve().parent.parent / "bundles" / "foba_cxr" / "configs" / "evaluate.yaml"
 TINY_PHANTOM = dict(n_subjects=6, seed=3, size=32, ms_cxr_fraction=1.0, p_normal=0.0, p_lateral=0.0)

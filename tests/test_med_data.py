@@ -32,7 +32,8 @@ from foba_med.ms_cxr import (
     read_ms_cxr,
     xywh_to_boxes,
 )
-from foba_med.phantom import PhantomFinding, render_frontal, write_phantom_mimic
+from foba_med.phantom import write_phantom_mimic
+from foba_med.phantom_drawing import PhantomFinding, render_frontal
 from foba_med.reports import choose_prompt, parse_sections, truncate_prompts
 from foba_med.vocabulary import CATEGORIES, DISEASE_TERMS, category_name, find_disease_words
 
