@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from foba_core.seeds import derive_seed
+
 
 def _channel_statistics(vae, like: torch.Tensor):
     """The VAE config's per-channel latents_mean and latents_std as (1, C, 1, 1) tensors like ``like``; None if unset."""
@@ -102,8 +104,8 @@ class DiffusionBatch:
     Returns ``(z_t, (target, loss_mask), (t, text_hidden), {"encoder_attention_mask": ...})`` so that MONAI
     calls ``unet(z_t, t, text_hidden, encoder_attention_mask=...)`` and ``noise_loss(pred, (target, mask))``.
     Noise, timesteps, latent sampling and caption dropout come from a generator seeded by
-    ``(seed, call count)``; the count is part of ``state_dict`` so a resumed run draws what the
-    uninterrupted run would have drawn.
+    ``derive_seed(seed, "batch", call count)``; the count is part of ``state_dict`` so a resumed run draws
+    what the uninterrupted run would have drawn.
     """
 
     def __init__(self, vae, text_encoder, tokenizer, scheduler, text_attention_mask: bool = False,
@@ -128,7 +130,7 @@ class DiffusionBatch:
             return to_diffusion_latents(self.vae, dist.mean + dist.std * noise)
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "batch", self.calls))
         self.calls += 1
         if "latent" in batchdata:
             z0 = batchdata["latent"].to(device, non_blocking=non_blocking)

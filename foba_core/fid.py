@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from foba_core.metrics import feature_statistics, frechet_distance
+from foba_core.seeds import derive_seed
 from foba_core.visualize import quantise
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -111,7 +112,7 @@ def train_toy_feature_network(world, steps: int = 1500, seed: int = 0, out_path=
     net.to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    rng = np.random.default_rng(derive_seed(seed, "feature batches"))  # which images, which backgrounds
     n_background = max(1, batch_size // len(classes))
     blur_generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):

@@ -22,7 +22,6 @@ wires them.
 from __future__ import annotations
 
 import logging
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from ignite.engine import Engine
 from foba_core.capture import authors_timesteps, heat_maps, span_token_indices, token_weights
 from foba_core.diffusion import encode_latents, model_resolution
 from foba_core.models import encode_prompts, load_pipeline
+from foba_core.seeds import derive_seed
 from foba_core.transforms import ResizeCenterCropd
 from foba_med.ms_cxr import MSCXRDataset, _find_image
 from foba_med.phantom import STAMP_FILE, write_phantom_mimic
@@ -115,11 +115,6 @@ def finding_tokens(tokenizer, prompt: str, category: str, fallback_all_tokens: b
     return [], "truncated" if spans else "none"
 
 
-def finding_seed(seed: int, finding_id: str) -> int:
-    """Return the q_sample noise seed of one (image, finding): independent of batching and split selection."""
-    return (int(seed) * 1_000_003 + zlib.crc32(finding_id.encode())) % 2**31
-
-
 def prepare_item(item: dict, size: int, channels: int = 3) -> dict:
     """Return the model input of one MS-CXR item: image (channels, size, size), its box mask and boxes, same crop.
 
@@ -175,7 +170,7 @@ class CXREvalStep:
                 weights = token_weights([targets], hidden.shape[1]).to(z0.device)  # (1, L, n)
                 maps = heat_maps(pipe.unet, pipe.scheduler, z0[b:b + 1], hidden[b:b + 1].to(z0.dtype), weights,
                                  text_mask=None if key_mask is None else key_mask[b:b + 1],
-                                 timesteps=self.timesteps, seed=finding_seed(self.seed, rec["id"]),
+                                 timesteps=self.timesteps, seed=derive_seed(self.seed, "q_sample", rec["id"]),
                                  budget_bytes=self.budget).total[0].float().cpu()  # (n, h, w)
                 rec["heat"] = maps[0]
                 rec["token_maps"] = maps[1:] if len(idx) > 1 else maps[:1]

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from foba_core.seeds import derive_seed
 from foba_med.evaluate import (
     TRAIN_COMMAND,
     CXREvalStep,
     ensure_phantom,
-    finding_seed,
     finding_tokens,
     load_model,
     open_findings,
@@ -86,8 +86,8 @@ def test_finding_tokens_take_all_sub_tokens_and_say_when_none(tiny_pipe):
 def test_multi_token_summation_equals_the_sum_of_separate_captures(tiny_pipe):
     from foba_core.bench import reference_heat_maps
     from foba_core.capture import token_weights
-    from foba_core.models import encode_prompts
     from foba_core.diffusion import encode_latents
+    from foba_core.models import encode_prompts
 
     item = _item(40, 60, [[30, 5, 50, 20]])
     step = CXREvalStep(tiny_pipe, timesteps=[501, 101], seed=3)
@@ -100,7 +100,7 @@ def test_multi_token_summation_equals_the_sum_of_separate_captures(tiny_pipe):
     hidden, key_mask = encode_prompts(tiny_pipe, [item["caption"]])
     ref = reference_heat_maps(tiny_pipe.unet, tiny_pipe.scheduler, z0, hidden,
                               token_weights([[rec["token_index"]]], hidden.shape[1]), text_mask=key_mask,
-                              timesteps=[501, 101], seed=finding_seed(3, item["id"]))[0][0, 0]
+                              timesteps=[501, 101], seed=derive_seed(3, "q_sample", item["id"]))[0][0, 0]
     assert torch.allclose(rec["heat"], ref, rtol=1e-5, atol=1e-6)
     assert torch.allclose(rec["token_maps"].sum(0), ref, rtol=1e-5, atol=1e-6)
     assert all(not torch.allclose(m, ref, rtol=1e-2) for m in rec["token_maps"])  # no single token is the sum

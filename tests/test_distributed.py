@@ -47,7 +47,7 @@ def test_shards_cover_every_index_once_in_order_for_any_count():
 def test_rank_seeds_keep_the_user_seed_on_rank0_and_differ_elsewhere():
     assert distributed.rank_seed(7, 0) == 7
     seeds = [distributed.rank_seed(7, r) for r in range(8)]
-    assert len(set(seeds)) == 8 and all(0 <= s < 2**31 for s in seeds)
+    assert len(set(seeds)) == 8 and all(0 <= s < 2**32 for s in seeds)
     assert seeds == [distributed.rank_seed(7, r) for r in range(8)]  # deterministic
     assert distributed.rank_seed(8, 1) != distributed.rank_seed(7, 1)
 
@@ -88,9 +88,13 @@ def test_reshuffling_sampler_shares_one_permutation_and_draws_a_new_one_each_pas
     for s in samplers:
         s.set_epoch(1)
     assert [list(s) for s in samplers] == passes[0]  # reproducible from the epoch
-    torch_sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=0, shuffle=True, seed=3)
-    torch_sampler.set_epoch(1 * 1_000_003)
+    from foba_core.seeds import derive_seed
+
+    # pass 0 of epoch 1 is torch's shuffle with the seed derived from (seed, epoch, pass)
+    torch_sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=0, shuffle=True,
+                                                        seed=derive_seed(3, "shuffle", 1, 0))
     assert list(torch_sampler) == passes[0][0]
+    assert samplers[0].seed == 3 and samplers[0].epoch == 1  # the sampler's own state is left as it was
 
 
 def test_effective_batch_is_printed(capsys):

@@ -108,6 +108,10 @@ def test_inpainting_is_seeded_and_batch_independent(pipe):
     assert not torch.allclose(a, c)
     second = _inpaint(pipe, images[1:], m_pre[1:], num_inference_steps=3, seed=8)  # image 1 of seed 7
     assert torch.allclose(a[1:], second, atol=1e-5)
+    other = _inpaint(pipe, images, m_pre, num_inference_steps=3, seed=7, sample=1)  # another inpainting k
+    assert not torch.allclose(a, other)
+    assert torch.allclose(other[1:], _inpaint(pipe, images[1:], m_pre[1:], num_inference_steps=3, seed=8, sample=1),
+                          atol=1e-5)
 
 
 def test_real_unet_inpainting_keeps_background_latents_and_gets_the_key_mask(pipe):
@@ -152,15 +156,13 @@ def test_refine_masks_stay_inside_the_upsampled_preliminary_mask(pipe):
 
 def test_several_inpaintings_draw_independent_noise_and_eq5_averages_them(pipe):
     from foba_core.masks import refined_mask, upsample_mask
-    from foba_core.refine import SAMPLE_SEED_STRIDE
 
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     m_pre = _foreground()
     masks, inpainted = refine_masks(pipe, images, m_pre, num_inference_steps=3, seed=5, n_samples=3)
     assert inpainted.shape == (3, 2, 3, 16, 16)
     assert torch.allclose(inpainted[0], _inpaint(pipe, images, m_pre, num_inference_steps=3, seed=5))
-    assert torch.allclose(inpainted[2], _inpaint(pipe, images, m_pre, num_inference_steps=3,
-                                                           seed=5 + 2 * SAMPLE_SEED_STRIDE))
+    assert torch.allclose(inpainted[2], _inpaint(pipe, images, m_pre, num_inference_steps=3, seed=5, sample=2))
     assert not torch.allclose(inpainted[0], inpainted[1])
     up = upsample_mask(m_pre, (16, 16))
     for i in range(2):
