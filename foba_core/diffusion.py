@@ -11,9 +11,9 @@ the one VAE codec between images in [0, 1] and the latents z the U-Net diffuses.
 
 from __future__ import annotations
 
-import random
-
 import torch
+
+from foba_core.seeds import derive_seed
 
 
 def _channel_statistics(vae, like: torch.Tensor):
@@ -104,8 +104,8 @@ class DiffusionBatch:
     Returns ``(z_t, (target, loss_mask), (t, text_hidden), {"encoder_attention_mask": ...})`` so that MONAI
     calls ``unet(z_t, t, text_hidden, encoder_attention_mask=...)`` and ``noise_loss(pred, (target, mask))``.
     Noise, timesteps, latent sampling and caption dropout come from a generator seeded by
-    ``(seed, call count)``; the count is part of ``state_dict`` so a resumed run draws what the
-    uninterrupted run would have drawn.
+    ``derive_seed(seed, "batch", call count)``; the count is part of ``state_dict`` so a resumed run draws
+    what the uninterrupted run would have drawn.
     """
 
     def __init__(self, vae, text_encoder, tokenizer, scheduler, text_attention_mask: bool = False,
@@ -130,7 +130,7 @@ class DiffusionBatch:
             return to_diffusion_latents(self.vae, dist.mean + dist.std * noise)
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "batch", self.calls))
         self.calls += 1
         if "latent" in batchdata:
             z0 = batchdata["latent"].to(device, non_blocking=non_blocking)
@@ -161,12 +161,3 @@ def noise_loss(pred, target_and_mask) -> torch.Tensor:
     pred = pred.sample if hasattr(pred, "sample") else pred
     se = (pred.float() - target.float()).pow(2) * mask  # (B, C, h, w)
     return se.flatten(1).sum(1) / (mask.flatten(1).sum(1) * pred.shape[1]).clamp_min(1.0)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (MONAI's set_determinism without forcing deterministic kernels)."""
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -16,13 +16,13 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.data import DistributedSampler
 
 from foba_core.engines import optimizer_steps_now
+from foba_core.seeds import derive_seed
 
 
 def is_distributed() -> bool:
@@ -79,15 +79,14 @@ def destroy_process_group() -> None:
 
 
 def rank_seed(seed: int, rank: int | None = None) -> int:
-    """Return the seed of one process: ``seed`` itself on rank 0, an independent 31-bit seed derived from it elsewhere.
+    """Return the seed of one process: ``seed`` itself on rank 0, ``derive_seed(seed, "rank", rank)`` elsewhere.
 
     Rank 0 keeps the user's seed, so a one-process torchrun run draws what a plain run draws.
     """
     rank = get_rank() if rank is None else int(rank)
     if rank == 0:
         return int(seed)
-    state = np.random.SeedSequence([int(seed) % 2**63, rank]).generate_state(1, dtype=np.uint32)
-    return int(state[0] >> np.uint32(1))
+    return derive_seed(seed, "rank", rank)
 
 
 def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:
@@ -204,7 +203,8 @@ class ReshufflingSampler(DistributedSampler):
     MONAI's ``Workflow`` calls ``set_epoch(engine epoch)`` when an ignite epoch starts; foba's trainers run
     all their steps as ONE ignite epoch over many passes, in which a plain ``DistributedSampler`` would repeat
     one order (a single-process ``DataLoader(shuffle=True)`` draws a new one each pass). Pass p of ignite
-    epoch e is shuffled with ``seed + e * 1_000_003 + p``; every process shuffles alike and takes its own part.
+    epoch e is shuffled with ``derive_seed(seed, "shuffle", e, p)``; every process shuffles alike and takes its
+    own part.
     """
 
     def __init__(self, *args, **kwargs):
@@ -216,12 +216,13 @@ class ReshufflingSampler(DistributedSampler):
         self.passes = 0
 
     def __iter__(self):
-        epoch = self.epoch
-        self.epoch = epoch * 1_000_003 + self.passes  # torch's sampler shuffles with seed + self.epoch
+        seed, epoch = self.seed, self.epoch
+        # torch's sampler shuffles with seed + epoch: this pass's seed, at epoch 0
+        self.seed, self.epoch = derive_seed(seed, "shuffle", epoch, self.passes), 0
         try:
             return super().__iter__()  # the indices are drawn here, not lazily
         finally:
-            self.epoch, self.passes = epoch, self.passes + 1
+            self.seed, self.epoch, self.passes = seed, epoch, self.passes + 1
 
 
 class SyncGradientsOnStep:

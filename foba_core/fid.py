@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from foba_core.metrics import feature_statistics, frechet_distance
+from foba_core.seeds import derive_seed
+from foba_core.visualize import quantise
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -110,7 +112,7 @@ def train_toy_feature_network(world, steps: int = 1500, seed: int = 0, out_path=
     net.to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    rng = np.random.default_rng(derive_seed(seed, "feature batches"))  # which images, which backgrounds
     n_background = max(1, batch_size // len(classes))
     blur_generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -120,7 +122,7 @@ def train_toy_feature_network(world, steps: int = 1500, seed: int = 0, out_path=
                             torch.from_numpy(np.stack(backgrounds)).permute(0, 3, 1, 2)])  # (B, 3, H, W)
         images = random_blur(images, max_blur, blur_generator)
         labels = torch.tensor([classes.index(it["label"]) for it in items] + [len(classes) - 1] * n_background)
-        logits = net(to_uint8(images).to(device))
+        logits = net(quantise(images).to(device))
         loss = F.cross_entropy(logits, labels.to(device))
         optimizer.zero_grad()
         loss.backward()
@@ -164,16 +166,6 @@ def load_feature_network(path, device="cpu") -> torch.jit.ScriptModule:
     return net
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Return images (N, C, H, W) as uint8 RGB in [0, 255]: floats in [0, 1] are rounded, grayscale replicated."""
-    images = torch.as_tensor(images)
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
-    if images.dtype != torch.uint8:
-        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-
 def _device(network) -> torch.device:
     return next(iter(network.parameters()), torch.empty(0)).device
 
@@ -181,7 +173,7 @@ def _device(network) -> torch.device:
 @torch.no_grad()
 def extract_features(network, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Return the feature vectors (N, D) float64 of images (float in [0, 1] or uint8) under the FID network."""
-    images, device = to_uint8(images), _device(network)
+    images, device = quantise(images), _device(network)
     out = [network(images[i:i + batch_size].to(device), return_features=True).double().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
@@ -206,7 +198,7 @@ def object_score(network, images: torch.Tensor, batch_size: int = 64) -> torch.T
     if BACKGROUND_CLASS not in classes:
         raise ValueError(f"object_score needs a classifier with a {BACKGROUND_CLASS!r} class (the toy feature "
                          f"network of train_toy_feature_network); this network has classes {classes or 'none'}")
-    images, device = to_uint8(images), _device(network)
+    images, device = quantise(images), _device(network)
     probs = torch.cat([network(images[i:i + batch_size].to(device)).float().softmax(-1).cpu()
                        for i in range(0, len(images), batch_size)])  # (N, classes)
     return 1 - probs[:, classes.index(BACKGROUND_CLASS)]

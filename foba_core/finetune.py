@@ -17,20 +17,14 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from foba_core.models import read_foba_json, save_pipeline
 from foba_core.prompts import BACKGROUND_PROMPT
+from foba_core.seeds import derive_seed
 from foba_core.transforms import resize_center_crop
 
 REFERENCE_LATENT_SIZE = 64  # the authors' rectangle rules are stated for Stable Diffusion's 64x64 latents
-
-
-def _seed(*keys: int) -> int:
-    """A 63-bit torch seed derived from integer keys (independent streams for distinct keys of one length)."""
-    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(1, dtype=np.uint64)
-    return int(state[0] >> np.uint64(1))
 
 
 def sample_background_rectangle(
@@ -159,7 +153,7 @@ class FineTuneDataset(torch.utils.data.Dataset):
         n = self.m_pre.shape[0]
         draw = k // n
         if self._perm[0] != draw:  # the image order of this draw, cached while a stream reads it
-            gen = torch.Generator().manual_seed(_seed(self.seed, draw, 0, 0))
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, "image order", draw))
             self._perm = (draw, torch.randperm(n, generator=gen))
         return draw, int(self._perm[1][k % n])
 
@@ -180,7 +174,7 @@ class FineTuneDataset(torch.utils.data.Dataset):
         image = image.expand(3, -1, -1) if image.shape[0] == 1 else image  # grey -> RGB
         if self.image_size is not None:
             image = resize_center_crop(image, self.image_size)
-        gen = torch.Generator().manual_seed(_seed(self.seed, draw, 1, i))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "task", draw, i))
         m_pre = self.m_pre[i]
         task, caption, loss_mask = "synthesis", object_caption, torch.ones(m_pre.shape)
         if float(torch.rand((), generator=gen)) < self.p_inpaint:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import inspect
 import numbers
 
-import numpy as np
 import torch
 
 from foba_core.diffusion import decode_latents
 from foba_core.models import encode_prompts, make_scheduler
 from foba_core.prompts import BACKGROUND_PROMPT
+from foba_core.seeds import derive_seed
 from foba_core.visualize import save_grid, to_uint8
 
 
@@ -57,12 +57,6 @@ def guided_noise(unet, z_t: torch.Tensor, t, hidden_f: torch.Tensor, hidden_b: t
     return w * eps_f - (w - 1) * eps_b  # supplement Eq. 4
 
 
-
-def sample_seed(seed: int, index: int) -> int:
-    """Return the seed of sample ``index``'s starting noise z_T (independent of batch size and w)."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
-
-
 @torch.inference_mode()
 def sample_images(pipe, n: int, w: float, object_prompt: str, background_prompt: str = BACKGROUND_PROMPT,
                   scheduler="DDIMScheduler", num_inference_steps: int = 50, seed: int = 0,
@@ -72,8 +66,9 @@ def sample_images(pipe, n: int, w: float, object_prompt: str, background_prompt:
     ``object_prompt`` is y_f (e.g. "a photo of a bird"), ``background_prompt`` y_b. w >= 1 gives
     object images, w = -1 backgrounds. ``scheduler`` is a diffusers scheduler class name compatible
     with the pipeline's (or an instance), configured from the pipeline's schedule. Sample i starts
-    from noise seeded by ``sample_seed(seed, i)``; a stochastic scheduler's step noise comes from one
-    generator per batch, so such samples also depend on ``batch_size``.
+    from noise seeded by ``derive_seed(seed, "z_T", i)``, whatever the batch size and w; a stochastic
+    scheduler's step noise comes from one generator per batch (``derive_seed(seed, "step noise", first
+    index)``), so such samples also depend on ``batch_size``.
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
@@ -88,13 +83,13 @@ def sample_images(pipe, n: int, w: float, object_prompt: str, background_prompt:
     images = []
     for start in range(0, n, batch_size):
         indices = range(start, min(start + batch_size, n))
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, "z_T", i)))
                              for i in indices])  # (B, C, h, w), drawn on the CPU: the same on every device
         sched = make_scheduler(pipe, scheduler)
         sched.set_timesteps(num_inference_steps, device=device)
         step_kwargs = {}
         if "generator" in inspect.signature(sched.step).parameters:
-            step_kwargs["generator"] = torch.Generator().manual_seed(sample_seed(seed, start) ^ 0x5EED)
+            step_kwargs["generator"] = torch.Generator().manual_seed(derive_seed(seed, "step noise", start))
         z = noise.to(device, dtype) * sched.init_noise_sigma
         for t in sched.timesteps:
             eps = guided_noise(unet, sched.scale_model_input(z, t), t, hidden[:1], hidden[1:], w, mask_f, mask_b)

@@ -91,11 +91,6 @@ def foreground_iou(pred, target) -> float:
     return _segmentation_scores(*confusion_counts(pred, target))["iou"]
 
 
-def background_iou(pred, target) -> float:
-    """Return the background IoU = TN / (TN + FP + FN); 1.0 when both masks are all foreground."""
-    return _segmentation_scores(*confusion_counts(pred, target))["iou_bg"]
-
-
 def mean_iou(pred, target) -> float:
     """Return mIoU = (IoU_fg + IoU_bg) / 2 (paper Tables 1-2)."""
     return _segmentation_scores(*confusion_counts(pred, target))["miou"]
@@ -223,58 +218,6 @@ class SegmentationAccumulator(Cumulative):
             result[f"{key}_per_image"] = float(np.mean([s[key] for s in per_image]))
         result["count"] = len(per_image)
         return result
-
-
-class AUCAccumulator(Cumulative):
-    """Accumulates pixel AUC-ROC over a data set: per image and pooled over all pixels.
-
-    ``aggregate()`` returns ``auc`` (mean of the per-image AUCs, ignoring images whose mask has one
-    class), ``auc_pooled`` (one ROC over every pixel of every image), ``count`` (images scored) and
-    ``skipped`` (single-class images). Pooling keeps every pixel; ``pixels_per_image`` keeps instead a
-    random subset of that many pixels of each image (drawn with ``seed``) to bound memory. The
-    per-image AUCs are synchronised across distributed ranks like any ``Cumulative`` buffer; the
-    pooled pixels are those of the calling process.
-    """
-
-    def __init__(self, pixels_per_image: int | None = None, seed: int = 0):
-        if pixels_per_image is not None and pixels_per_image < 1:
-            raise ValueError(f"pixels_per_image must be None or >= 1, got {pixels_per_image}")
-        self.pixels_per_image = pixels_per_image
-        self.seed = seed
-        super().__init__()
-
-    def reset(self) -> None:
-        """Forget all images."""
-        super().reset()
-        self._pixel_scores: list[np.ndarray] = []
-        self._pixel_targets: list[np.ndarray] = []
-        self._rng = np.random.default_rng(self.seed)
-
-    def update(self, scores, target, image_id: str | None = None) -> None:
-        """Add one image's heat map and target mask (same number of pixels)."""
-        self.append(torch.tensor([auc_roc(scores, target, image_id)], dtype=torch.float64))
-        s, t = _numpy(scores).astype(np.float32).ravel(), _as_mask(target, "target").ravel()
-        keep = np.flatnonzero(np.isfinite(s))
-        if self.pixels_per_image is not None and keep.size > self.pixels_per_image:
-            keep = self._rng.choice(keep, size=self.pixels_per_image, replace=False)
-        self._pixel_scores.append(s[keep])
-        self._pixel_targets.append(t[keep])
-
-    def aggregate(self) -> dict[str, float]:
-        """Return the mean per-image AUC (nan-skipping), the pooled AUC and the image counts."""
-        aucs = self.get_buffer()
-        if aucs is None:
-            raise ValueError("AUCAccumulator.aggregate: no images; call update() first")
-        aucs = aucs.ravel().numpy()
-        scored = aucs[~np.isnan(aucs)]
-        t = np.concatenate(self._pixel_targets)
-        pooled = roc_auc_score(t, np.concatenate(self._pixel_scores)) if 0 < t.sum() < t.size else float("nan")
-        return {
-            "auc": float(scored.mean()) if scored.size else float("nan"),
-            "auc_pooled": float(pooled),
-            "count": int(scored.size),
-            "skipped": int(aucs.size - scored.size),
-        }
 
 
 class BoxIoUAccumulator(Cumulative):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import zlib
 
 import numpy as np
 import torch
@@ -26,7 +25,8 @@ from foba_core.io import write_csv, write_json, write_torch
 from foba_core.masks import preliminary_masks, upsample_mask
 from foba_core.metrics import accuracy, auc_roc, foreground_iou, mean_iou
 from foba_core.models import encode_prompts
-from foba_core.transforms import resize_center_crop
+from foba_core.seeds import derive_seed
+from foba_core.transforms import ResizeCenterCropd
 from foba_core.visualize import heat_overlay, mask_overlay, save_grid, to_uint8
 
 
@@ -36,7 +36,7 @@ class Stage1Step:
     ``word`` is the object word whose tokens are captured (None: each item's ``label``); its prompt
     is the item's ``caption``. Images are resized (shortest side) and centre-cropped to the model's
     resolution, ground-truth masks with nearest neighbour through exactly the same geometry. Each image's
-    q_sample noise is seeded by (``seed``, its id) (:func:`image_seed`).
+    q_sample noise is seeded by ``derive_seed(seed, "q_sample", its id)``, whatever batch or shard it comes in.
     """
 
     def __init__(self, pipe, word: str | None = None, t0: int = 40, timesteps: list[int] | None = None,
@@ -49,9 +49,10 @@ class Stage1Step:
 
     def prepare(self, items: list[dict]) -> dict:
         """Return the model-resolution images, masks and prompts of a batch of items."""
-        images = torch.stack([resize_center_crop(it["image"].expand(3, -1, -1), self.size) for it in items])
-        masks = [resize_center_crop(it["mask"], self.size, is_mask=True) if it.get("mask") is not None else None
-                 for it in items]
+        geometry = ResizeCenterCropd(keys=("image", "mask"), size=self.size)  # a mask of None stays None
+        cropped = [geometry({"image": it["image"].expand(3, -1, -1), "mask": it.get("mask")}) for it in items]
+        images = torch.stack([c["image"] for c in cropped])  # (B, 3, S, S), grey replicated
+        masks = [c["mask"] for c in cropped]  # (S, S) bool or None
         words = [self.word if self.word is not None else it["label"] for it in items]
         return {"images": images, "masks": masks, "prompts": [it["caption"] for it in items], "words": words,
                 "ids": [str(it["id"]) for it in items], "splits": [it.get("split", "") for it in items]}
@@ -71,16 +72,11 @@ class Stage1Step:
             index_lists = [token_indices(pipe.tokenizer, batch["prompts"][b], [batch["words"][b]])]
             weights = token_weights(index_lists, hidden.shape[1]).to(z0.device)  # (1, L, 1)
             maps = heat_maps(pipe.unet, pipe.scheduler, z0, hidden.to(z0.dtype), weights, text_mask=key_mask,
-                             timesteps=self.timesteps, seed=image_seed(self.seed, image_id), budget_bytes=self.budget)
+                             timesteps=self.timesteps, seed=derive_seed(self.seed, "q_sample", image_id), budget_bytes=self.budget)
             m_hat.append(maps.total[:, 0].float().cpu())  # (1, h, w): one target word per image
         m_hat = torch.cat(m_hat)  # (B, h, w)
         m_pre = preliminary_masks(m_hat, random_state=self.seed, n_components=self.n_components)
         return {**batch, "heatmaps": m_hat, "m_pre": m_pre}
-
-
-def image_seed(seed: int, image_id: str) -> int:
-    """Return the q_sample noise seed of one image: a function of (seed, id), independent of batching and sharding."""
-    return (int(seed) * 1_000_003 + zlib.crc32(str(image_id).encode())) % 2**31
 
 
 class Stage1Writer:

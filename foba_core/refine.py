@@ -23,6 +23,7 @@ from foba_core.diffusion import decode_latents, encode_latents
 from foba_core.masks import flip_crop_inpaint, refined_mask, upsample_mask
 from foba_core.models import encode_prompts, make_scheduler
 from foba_core.prompts import BACKGROUND_PROMPT
+from foba_core.seeds import derive_seed
 
 
 def _check_batch(pipe, z0: torch.Tensor, m_pre: torch.Tensor) -> None:
@@ -37,13 +38,14 @@ def _check_batch(pipe, z0: torch.Tensor, m_pre: torch.Tensor) -> None:
 @torch.no_grad()
 def inpaint_latents(pipe, z0: torch.Tensor, m_pre: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
                     scheduler: str = "DDIMScheduler", num_inference_steps: int = 50, seed: int = 0,
-                    strength: float = 1.0) -> torch.Tensor:
+                    strength: float = 1.0, sample: int = 0) -> torch.Tensor:
     """Return the latents of m'(z̃0, y_b) (B, C, h, w): the foreground of M_pre regenerated, the background exactly z0.
 
     z0 (B, C, h, w) are the encoded images, ``m_pre`` (B, h, w) the preliminary masks. The reverse
     process starts at the first ``strength`` fraction of the ``num_inference_steps`` timesteps from
-    q_sample(z̃0, t_start) of Eq. 6. Image b of the batch draws its noise from ``seed + b``, so a
-    batch split in two (seeds s and s + B1) gives the same results as one call.
+    q_sample(z̃0, t_start) of Eq. 6. Image b of the batch draws its noise from
+    ``derive_seed(seed + b, "inpainting", sample)``, so a batch split in two (seeds s and s + B1) gives
+    the same results as one call, and inpaintings with another ``sample`` index are independent.
     """
     _check_batch(pipe, z0, m_pre)
     if not 0.0 < strength <= 1.0:
@@ -53,7 +55,7 @@ def inpaint_latents(pipe, z0: torch.Tensor, m_pre: torch.Tensor, prompt: str = B
     b = z0.shape[0]
     z0 = z0.to(device, torch.float32)
     fg = m_pre.to(device).bool()[:, None]  # (B, 1, h, w): True = foreground, to be inpainted
-    generators = [torch.Generator().manual_seed(int(seed) + i) for i in range(b)]
+    generators = [torch.Generator().manual_seed(derive_seed(int(seed) + i, "inpainting", sample)) for i in range(b)]
     z = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generators]).to(device)  # Eq. 6's z
     noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generators]).to(device)
 
@@ -91,21 +93,6 @@ def _encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
     return encode_latents(pipe, images)
 
 
-@torch.no_grad()
-def inpaint_background(pipe, images: torch.Tensor, m_pre: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
-                       scheduler: str = "DDIMScheduler", num_inference_steps: int = 50, seed: int = 0,
-                       strength: float = 1.0) -> torch.Tensor:
-    """Return m'(z̃0, y_b): the images (B, 3, H, W) in [0, 1] with the foreground of M_pre inpainted by background."""
-    z0 = _encode_images(pipe, images)  # (B, C, h, w), the posterior mean
-    latents = inpaint_latents(pipe, z0, m_pre, prompt, scheduler, num_inference_steps, seed, strength)
-    return decode_latents(pipe, latents)
-
-
-# Inpainting k of image i draws from seed + i + k * stride: distinct seeds for data sets below a million images
-# (torch seeds its CPU generator from the low 32 bits, so the stride stays far below 2**32 / K).
-SAMPLE_SEED_STRIDE = 1_000_003
-
-
 def _masks_from(images: torch.Tensor, filled: torch.Tensor, m_pre: torch.Tensor, random_state: int | None,
                 fit: str) -> torch.Tensor:
     """Eq. 5 for a batch: M = M_pre,up ⊙ g(|x − x̂|), one GMM per image; ``filled`` (K, B, 3, H, W) or (B, 3, H, W)."""
@@ -123,14 +110,14 @@ def refine_masks(pipe, images: torch.Tensor, m_pre: torch.Tensor, prompt: str = 
     """Return the refined masks M (B, H, W) bool of Eq. 5 and the inpaintings m'(z̃0, y_b) (K, B, 3, H, W).
 
     ``n_samples`` = K inpaintings of each image with independent noise (image i, inpainting k: seed
-    ``seed + i + k * SAMPLE_SEED_STRIDE``; K = 1 is the paper's single inpainting); Eq. 5 takes their
+    ``derive_seed(seed + i, "inpainting", k)``; K = 1 is the paper's single inpainting); Eq. 5 takes their
     mean difference. ``fit`` is where g is fitted (``masks.refined_mask``).
     """
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be >= 1 (inpaintings per image), got {n_samples}")
     z0 = _encode_images(pipe, images)  # (B, C, h, w), encoded once for the K inpaintings
     inpainted = torch.stack([decode_latents(pipe, inpaint_latents(
-        pipe, z0, m_pre, prompt, scheduler, num_inference_steps, seed + k * SAMPLE_SEED_STRIDE, strength))
+        pipe, z0, m_pre, prompt, scheduler, num_inference_steps, seed, strength, sample=k))
         for k in range(int(n_samples))])  # (K, B, 3, H, W)
     return _masks_from(images, inpainted, m_pre, random_state, fit), inpainted
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from foba_core.seeds import derive_seed
+
 SEGMENTATION_KEYS = ("image", "label")
 
 
@@ -114,13 +116,9 @@ class SegmentationData(torch.utils.data.Dataset):
         index, draw = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         item = {"image": self.images[index].float(), "label": self.masks[index][None].float()}
         if self.train:
-            self.transform.set_random_state(seed=_seed(self.seed, index, draw))
+            self.transform.set_random_state(seed=derive_seed(self.seed, "augmentation", index, draw))
         out = self.transform(item)
         return {k: convert_to_tensor(out[k], track_meta=False) for k in SEGMENTATION_KEYS}
-
-
-def _seed(*keys: int) -> int:
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
 class TrainingBatches(torch.utils.data.Sampler):
@@ -150,7 +148,7 @@ class TrainingBatches(torch.utils.data.Sampler):
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(_seed(self.seed, epoch))
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, "epoch order", epoch))
             self._perm = (epoch, torch.randperm(self.n, generator=gen))
         return self._perm[1]
 

@@ -10,11 +10,23 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """Return images (N, C, H, W) as uint8 RGB (N, 3, H, W) in [0, 255]: floats in [0, 1] rounded, grey replicated.
+
+    uint8 input is returned as it is (grey replicated); this is what FID networks and PNG files take.
+    """
+    images = torch.as_tensor(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """Return a (C, H, W) image in [0, 1] as (H, W, 3) uint8 (grayscale is replicated)."""
-    x = image.detach().float().cpu().clamp(0, 1)
-    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
-    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    """Return a (C, H, W) image in [0, 1] as an (H, W, 3) uint8 array for drawing (grey replicated, extra channels cut)."""
+    x = image.detach().float().cpu()
+    return quantise(x[None, :3] if x.shape[0] != 1 else x[None])[0].permute(1, 2, 0).contiguous().numpy()
 
 
 def _resize_map(values: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:

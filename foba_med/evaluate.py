@@ -6,7 +6,7 @@ for the words that express the finding (:func:`foba_med.vocabulary.find_disease_
 those words are captured and their maps summed (multi-token summation, supplement Sec. 8), giving
 M̂ = sum_t sum_l sum_k psi_{z_t,l}[:, k] (Eq. 4 over the finding's tokens k). M̂ is min-max normalised per
 image and scored against the union mask of the finding's boxes, mapped through exactly the resize and centre
-crop that the image goes through (:class:`foba_med.ms_cxr.CXRPreprocess`).
+crop that the image goes through (:func:`prepare_item`).
 
 Beyond the paper: the same M̂ binarised by a 2-component GMM (the paper's M_pre) and by a 3-component GMM
 keeping the brightest component (background / chest / finding), both scored by IoU against the box mask; the
@@ -14,52 +14,33 @@ AUC of each sub-token alone (which sub-token carries the finding); and a word-ag
 centre prior (minus the distance to the image centre): findings sit mostly in the central chest, so an AUC
 means localisation only where it beats that control.
 
-``CXREvalStep`` is a MONAI ``Evaluator``'s ``iteration_update`` and ``CXREvalWriter`` its handler; the bundle
-``bundles/foba_cxr/configs/evaluate.yaml`` wires them.
+``CXREvalStep`` is a MONAI ``Evaluator``'s ``iteration_update`` and ``foba_med.scoring.CXREvalWriter`` (the
+scores, the per-disease tables and the report) its handler; the bundle ``bundles/foba_cxr/configs/evaluate.yaml``
+wires them.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-import warnings
-import zlib
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
 from foba_core.capture import authors_timesteps, heat_maps, span_token_indices, token_weights
 from foba_core.diffusion import encode_latents, model_resolution
-from foba_core.distributed import gather_to_rank0
-from foba_core.io import atomic_write
-from foba_core.masks import preliminary_masks, upsample_mask
-from foba_core.metrics import auc_roc, foreground_iou
 from foba_core.models import encode_prompts, load_pipeline
-from foba_core.transforms import map_boxes
-from foba_core.visualize import draw_boxes, heat_overlay, mask_overlay, save_grid, to_uint8
-from foba_med.ms_cxr import CXRPreprocess, MSCXRDataset, _find_image, map_mask
+from foba_core.seeds import derive_seed
+from foba_core.transforms import ResizeCenterCropd
+from foba_med.ms_cxr import MSCXRDataset, _find_image
 from foba_med.phantom import STAMP_FILE, write_phantom_mimic
+from foba_med.scoring import slug
 from foba_med.vocabulary import find_disease_words
 
 logger = logging.getLogger(__name__)
 
-PAPER_MEAN_AUC = 79.6  # % pixel AUC-ROC, mean over the eight MS-CXR findings (paper Sec. 4)
 TRAIN_COMMAND = "python -m monai.bundle run --config_file bundles/foba_cxr/configs/train.yaml"
-GMM_COMPONENTS = (2, 3)
-STATUSES = ("scored", "one_class_mask", "no_disease_word", "missing")
-METRIC_COLUMNS = ("auc_roc", "iou_gmm2", "iou_gmm3", "auc_centre_prior")  # per image; averaged per disease
-
-
-def slug(category: str) -> str:
-    """Return a file- and metric-name friendly form of a category ("Pleural Effusion" -> "pleural_effusion")."""
-    return category.lower().replace(" ", "_")
 
 
 def load_model(model_dir: str, torch_dtype=torch.float32, device="cpu"):
@@ -134,24 +115,16 @@ def finding_tokens(tokenizer, prompt: str, category: str, fallback_all_tokens: b
     return [], "truncated" if spans else "none"
 
 
-def finding_seed(seed: int, finding_id: str) -> int:
-    """Return the q_sample noise seed of one (image, finding): independent of batching and split selection."""
-    return (int(seed) * 1_000_003 + zlib.crc32(finding_id.encode())) % 2**31
-
-
-def min_max(heat: torch.Tensor) -> torch.Tensor:
-    """Return the heat map scaled to [0, 1] (instance-wise min-max normalisation; a constant map becomes 0)."""
-    lo, hi = heat.min(), heat.max()
-    return (heat - lo) / (hi - lo) if hi > lo else torch.zeros_like(heat)
-
-
 def prepare_item(item: dict, size: int, channels: int = 3) -> dict:
-    """Return the model input of one MS-CXR item: image (channels, size, size), its box mask and boxes, same crop."""
-    transform = CXRPreprocess(size)
-    height, width = item["image"].shape[-2:]
-    image = transform(item["image"]).clamp(0, 1).expand(channels, -1, -1)  # grayscale replicated
-    return {"image": image, "mask": map_mask(item["mask"], transform),
-            "boxes": map_boxes(torch.as_tensor(item["boxes"]).reshape(-1, 4), height, width, size)}
+    """Return the model input of one MS-CXR item: image (channels, size, size), its box mask and boxes, same crop.
+
+    One geometry for the three (``ResizeCenterCropd``): the radiograph area-averaged (bilinear when enlarged),
+    the mask by nearest neighbour, the boxes mapped (those cropped away entirely are dropped).
+    """
+    geometry = ResizeCenterCropd(keys=("image", "mask", "boxes"), size=size, image_mode="area")
+    out = geometry({key: item[key] for key in ("image", "mask", "boxes")})
+    image = out["image"].clamp(0, 1).expand(channels, -1, -1)  # grayscale replicated
+    return {"image": image, "mask": out["mask"], "boxes": out["boxes"]}
 
 
 class CXREvalStep:
@@ -197,205 +170,11 @@ class CXREvalStep:
                 weights = token_weights([targets], hidden.shape[1]).to(z0.device)  # (1, L, n)
                 maps = heat_maps(pipe.unet, pipe.scheduler, z0[b:b + 1], hidden[b:b + 1].to(z0.dtype), weights,
                                  text_mask=None if key_mask is None else key_mask[b:b + 1],
-                                 timesteps=self.timesteps, seed=finding_seed(self.seed, rec["id"]),
+                                 timesteps=self.timesteps, seed=derive_seed(self.seed, "q_sample", rec["id"]),
                                  budget_bytes=self.budget).total[0].float().cpu()  # (n, h, w)
                 rec["heat"] = maps[0]
                 rec["token_maps"] = maps[1:] if len(idx) > 1 else maps[:1]
         return {"records": records}
-
-
-def score_finding(heat: torch.Tensor, mask: torch.Tensor, image_id: str | None = None) -> float:
-    """Return the pixel AUC-ROC of the min-max normalised heat map, bilinearly upsampled to the mask's size."""
-    up = F.interpolate(min_max(heat)[None, None], size=tuple(mask.shape), mode="bilinear", align_corners=False)[0, 0]
-    return auc_roc(up, mask, image_id=image_id)
-
-
-def centre_prior(height: int, width: int) -> torch.Tensor:
-    """Return the word-agnostic control heat map (H, W): minus each pixel's distance to the image centre."""
-    yy, xx = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
-    return -torch.hypot(yy - height / 2, xx - width / 2)
-
-
-def gmm_masks(heat: torch.Tensor, seed: int = 0) -> dict[int, torch.Tensor]:
-    """Return M_pre (h, w) of the heat map for each GMM size: 2 components (the paper's) and 3 (brightest kept)."""
-    return {k: preliminary_masks(min_max(heat)[None], random_state=seed, n_components=k)[0] for k in GMM_COMPONENTS}
-
-
-def _overlay_row(image: torch.Tensor, heat: torch.Tensor, m_pre: dict[int, torch.Tensor], boxes: torch.Tensor,
-                 min_side: int = 128) -> list[np.ndarray]:
-    """Tiles image | M̂ | each M_pre, enlarged (nearest) to at least ``min_side`` so that the drawn boxes stay thin."""
-    factor = max(1, math.ceil(min_side / image.shape[-1]))
-    big = image.repeat_interleave(factor, -1).repeat_interleave(factor, -2)  # (C, H*f, W*f)
-    tiles = [to_uint8(big), heat_overlay(big, heat)] + [mask_overlay(big, m) for m in m_pre.values()]
-    return [draw_boxes(t, boxes * factor) for t in tiles]
-
-
-class CXREvalWriter:
-    """Handler: scores each (image, finding), averages per disease and writes the outputs into ``output_dir``.
-
-    Writes ``auc_per_disease.csv`` (category_name, n_images, auc_roc, auc_roc_std, iou_gmm2, iou_gmm3,
-    auc_centre_prior, counts; a final ``mean`` row over the diseases), ``auc_per_disease.md`` (next to the
-    paper's 79.6), ``auc_per_token.csv``, ``per_image.csv`` and ``overlays/<disease>.png`` (image | M̂ | 2-GMM |
-    3-GMM, boxes drawn) for ``n_overlays`` images per disease; sets ``engine.state.metrics`` (flat keys) for
-    MLflow. Under torchrun (``multi_gpu_evaluate.yaml``) each process scores its contiguous shard and rank 0
-    gathers the rows and overlays in dataset order and writes them: the same files as a single-process run.
-    """
-
-    def __init__(self, output_dir: str, missing: list[dict] | None = None, n_overlays: int = 4, seed: int = 0,
-                 settings: dict | None = None):
-        self.output_dir, self.missing, self.n_overlays = str(output_dir), list(missing or []), int(n_overlays)
-        self.seed, self.settings = int(seed), dict(settings or {})
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget all scored findings."""
-        self.rows: list[dict] = [dict(m) for m in self.missing]
-        self.token_rows: list[dict] = []
-        self.overlays: dict[str, list[list[np.ndarray]]] = defaultdict(list)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.reset())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self.update(e.state.output["records"]))
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
-
-    def update(self, records: list[dict]) -> None:
-        """Score one batch of records from :class:`CXREvalStep`."""
-        for rec in records:
-            mask = rec["mask"]
-            row = {k: rec[k] for k in ("id", "dicom_id", "category_name", "split", "prompt", "token_source")}
-            row.update(tokens=" ".join(rec["tokens"]), mask_fraction=float(mask.float().mean()))
-            if rec["heat"] is None:
-                row["status"] = "no_disease_word"
-            elif mask.all() or not mask.any():
-                warnings.warn(f"{rec['id']}: the finding's box mask has one class only after the resize/crop to "
-                              f"{tuple(mask.shape)} (foreground fraction {row['mask_fraction']:.2f}); skipped",
-                              stacklevel=2)
-                row["status"] = "one_class_mask"
-            else:
-                row["status"] = "scored"
-                row["auc_roc"] = score_finding(rec["heat"], mask, rec["id"])
-                row["auc_centre_prior"] = auc_roc(centre_prior(*mask.shape), mask, rec["id"])
-                m_pre = gmm_masks(rec["heat"], self.seed)
-                for k, m in m_pre.items():
-                    row[f"iou_gmm{k}"] = foreground_iou(upsample_mask(m, tuple(mask.shape)), mask)
-                per_token = []
-                for token, tmap in zip(rec["tokens"], rec["token_maps"]):
-                    auc = score_finding(tmap, mask, rec["id"])
-                    per_token.append(f"{token}={auc:.4f}")
-                    self.token_rows.append({"category_name": rec["category_name"], "token": token, "auc_roc": auc})
-                row["per_token_auc"] = " ".join(per_token)
-                if len(self.overlays[rec["category_name"]]) < self.n_overlays:
-                    self.overlays[rec["category_name"]].append(_overlay_row(rec["image"], rec["heat"], m_pre,
-                                                                            rec["boxes"]))
-            self.rows.append(row)
-
-    def tables(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-        """Return (per-disease table with a final ``mean`` row, per-token table, per-image table)."""
-        per_image = pd.DataFrame(self.rows)
-        for col in ("status", "category_name", *METRIC_COLUMNS):
-            if col not in per_image:
-                per_image[col] = np.nan
-        rows = []
-        for category, group in per_image.groupby("category_name", sort=True):
-            scored = group[group["status"] == "scored"]
-            rows.append({
-                "category_name": category, "n_images": len(scored), "auc_roc": scored["auc_roc"].mean(),
-                "auc_roc_std": scored["auc_roc"].std(ddof=0),
-                **{c: scored[c].mean() for c in METRIC_COLUMNS[1:]},
-                **{f"n_{s}": int((group["status"] == s).sum()) for s in STATUSES[1:]},
-            })
-        per_disease = pd.DataFrame(rows, columns=["category_name", "n_images", "auc_roc", "auc_roc_std",
-                                                  *METRIC_COLUMNS[1:], *[f"n_{s}" for s in STATUSES[1:]]])
-        mean = {"category_name": "mean", "n_images": int(per_disease["n_images"].sum()),
-                **{c: per_disease[c].mean() for c in METRIC_COLUMNS}, "auc_roc_std": np.nan,
-                **{f"n_{s}": int(per_disease[f"n_{s}"].sum()) for s in STATUSES[1:]}}
-        per_disease = pd.concat([per_disease, pd.DataFrame([mean])], ignore_index=True)
-        tokens = pd.DataFrame(self.token_rows, columns=["category_name", "token", "auc_roc"])
-        per_token = (tokens.groupby(["category_name", "token"], sort=False)["auc_roc"].agg(["count", "mean"])
-                     .reset_index().rename(columns={"count": "n_images", "mean": "auc_roc"})
-                     .sort_values("category_name", kind="stable", ignore_index=True))  # tokens in prompt order
-        return per_disease, per_token, per_image
-
-    def metrics(self, per_disease: pd.DataFrame) -> dict[str, float]:
-        """Return flat, finite metrics for ``engine.state.metrics`` / MLflow: per-disease and mean AUC and IoUs."""
-        out = {}
-        for row in per_disease.itertuples():
-            name = slug(row.category_name)
-            out.update({f"{c}_{name}": getattr(row, c) for c in METRIC_COLUMNS})
-            out[f"n_images_{name}"] = float(row.n_images)
-        for status in STATUSES[1:]:
-            out[f"n_{status}"] = float(per_disease.iloc[-1][f"n_{status}"])
-        return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
-
-    def gather(self) -> bool:
-        """Collect every process's rows and overlays on rank 0, in dataset order; return whether this is rank 0."""
-        parts = gather_to_rank0([(self.rows[len(self.missing):], self.token_rows, dict(self.overlays))])
-        if parts is None:
-            return False
-        self.reset()
-        for rows, token_rows, overlays in parts:
-            self.rows += rows
-            self.token_rows += token_rows
-            for category, tiles in overlays.items():
-                self.overlays[category] += tiles[:self.n_overlays - len(self.overlays[category])]
-        return True
-
-    def write(self, engine: Engine | None = None) -> dict[str, float]:
-        """Write every output file, set ``engine.state.metrics`` and print the per-disease table; return the metrics.
-
-        Every process calls it; only rank 0 writes (the others return no metrics).
-        """
-        if not self.gather():
-            return {}
-        os.makedirs(self.output_dir, exist_ok=True)
-        per_disease, per_token, per_image = self.tables()
-        out = Path(self.output_dir)
-        atomic_write(out / "auc_per_disease.csv", lambda p: per_disease.to_csv(p, index=False))
-        atomic_write(out / "auc_per_token.csv", lambda p: per_token.to_csv(p, index=False))
-        atomic_write(out / "per_image.csv", lambda p: per_image.to_csv(p, index=False))
-        text = markdown_report(per_disease, per_token, self.settings)
-        atomic_write(out / "auc_per_disease.md", lambda p: p.write_text(text, encoding="utf-8"))
-        titles = ["image + boxes", "heat map M^", "M_pre 2-GMM", "M_pre 3-GMM"]
-        for category, rows in self.overlays.items():
-            save_grid(rows, str(out / "overlays" / f"{slug(category)}.png"), column_titles=titles)
-        metrics = self.metrics(per_disease)
-        if engine is not None:
-            engine.state.metrics.update(metrics)
-        print(per_disease.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
-        return metrics
-
-
-def _pct(value: float) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
-
-
-def markdown_report(per_disease: pd.DataFrame, per_token: pd.DataFrame, settings: dict | None = None) -> str:
-    """Return the Markdown report: per-disease AUC-ROC (%) and GMM IoUs next to the paper's 79.6 % mean."""
-    lines = ["# MS-CXR disease localisation: pixel AUC-ROC of the finding's attention", ""]
-    if settings:
-        lines += [", ".join(f"{k}: `{v}`" for k, v in settings.items()), ""]
-    lines += ["| finding | images | AUC-ROC (%) | centre prior AUC (%) | IoU 2-GMM (%) | IoU 3-GMM (%) "
-              "| skipped: one class / no word |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for row in per_disease.itertuples():
-        name = "**mean**" if row.category_name == "mean" else row.category_name
-        lines.append(f"| {name} | {row.n_images} | {_pct(row.auc_roc)} | {_pct(row.auc_centre_prior)} "
-                     f"| {_pct(row.iou_gmm2)} | {_pct(row.iou_gmm3)} "
-                     f"| {row.n_one_class_mask} / {row.n_no_disease_word} |")
-    lines.append(f"| paper (Stable Diffusion fine-tuned on MIMIC-CXR), mean of 8 | | {PAPER_MEAN_AUC} | | | | |")
-    missing = int(per_disease.iloc[-1]["n_missing"])
-    lines += ["", "The mean row averages the per-disease means (as the paper's mean over eight diseases). "
-              "IoU: M_pre (GMM + 3x3 mean filter) against the box mask; the 3-GMM keeps the brightest of three "
-              "components (background, chest, finding), where the paper notes the 2-GMM fails. Centre prior: the "
-              "AUC of a word-agnostic map (minus the distance to the image centre) on the same masks, a control for "
-              "where the boxes lie."]
-    if missing:
-        lines += ["", f"{missing} finding(s) left out because their image is missing on disk (see per_image.csv)."]
-    if len(per_token):
-        lines += ["", "## Per sub-token AUC-ROC (%)", "", "| finding | token | images | AUC-ROC (%) |",
-                  "|---|---|---:|---:|"]
-        lines += [f"| {r.category_name} | `{r.token}` | {r.n_images} | {_pct(r.auc_roc)} |"
-                  for r in per_token.itertuples()]
-    return "\n".join(lines) + "\n"
 
 
 def settings_summary(model_dir: str, split: str, prompt: str, t0: int, timesteps, seed: int,

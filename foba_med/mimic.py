@@ -325,7 +325,29 @@ def build_index(
         problems.append((name, kind if err is None else f"{kind}: {type(err).__name__}: {err}"))
         kinds[kind] += 1
 
-    prompts: dict[tuple[str, str], tuple[str, str]] = {}
+    prompts = _study_prompts(rows, reports_dir, problem)
+    bad_images = _unusable_images(rows, mimic_dir, check_images, num_workers, problem)
+    keys = list(zip(rows["subject_id"], rows["study_id"]))
+    keep = [key in prompts and path not in bad_images for key, path in zip(keys, rows["path"])]
+    index = rows[keep].reset_index(drop=True)
+    index["prompt"] = [prompts[key][0] for key, ok in zip(keys, keep) if ok]
+    index["prompt_source"] = [prompts[key][1] for key, ok in zip(keys, keep) if ok]
+    index = index[list(INDEX_COLUMNS)]
+    atomic_write(output_csv, lambda tmp: index.to_csv(tmp, index=False))
+    logger.log(
+        logging.WARNING if problems else logging.INFO,
+        "build_index: %d of %d images indexed in %s; problems: %s",
+        len(index), len(rows), output_csv, dict(kinds) or "none",
+    )
+    return index, problems
+
+
+def _study_prompts(rows: pd.DataFrame, reports_dir: Path, problem) -> dict[tuple[str, str], tuple[str, str]]:
+    """Return {(subject, study): (prompt, source)} of the studies of ``rows``, each report parsed once.
+
+    Missing, unreadable and empty reports are reported to ``problem(name, kind, err)`` and left out.
+    """
+    prompts = {}
     for subject, study in rows[["subject_id", "study_id"]].drop_duplicates().itertuples(index=False):
         name = relative_report_path(subject, study)
         try:
@@ -340,7 +362,14 @@ def build_index(
             problem(name, "empty report")
             continue
         prompts[(subject, study)] = (prompt, source)
+    return prompts
 
+
+def _unusable_images(rows: pd.DataFrame, mimic_dir: Path, check_images: bool, num_workers: int, problem) -> set[str]:
+    """Return the paths of ``rows`` whose image is missing (or, with ``check_images``, does not decode).
+
+    Images are checked in ``num_workers`` threads; each failure is reported to ``problem(name, kind, err)``.
+    """
     def check(rel_path: str) -> tuple[str, Exception] | None:
         try:
             if check_images:
@@ -358,17 +387,4 @@ def build_index(
                 name, err = failed
                 problem(name, "missing image" if isinstance(err, FileNotFoundError) else "unreadable image", err)
                 bad_images.add(name)
-
-    keys = list(zip(rows["subject_id"], rows["study_id"]))
-    keep = [key in prompts and path not in bad_images for key, path in zip(keys, rows["path"])]
-    index = rows[keep].reset_index(drop=True)
-    index["prompt"] = [prompts[key][0] for key, ok in zip(keys, keep) if ok]
-    index["prompt_source"] = [prompts[key][1] for key, ok in zip(keys, keep) if ok]
-    index = index[list(INDEX_COLUMNS)]
-    atomic_write(output_csv, lambda tmp: index.to_csv(tmp, index=False))
-    logger.log(
-        logging.WARNING if problems else logging.INFO,
-        "build_index: %d of %d images indexed in %s; problems: %s",
-        len(index), len(rows), output_csv, dict(kinds) or "none",
-    )
-    return index, problems
+    return bad_images

@@ -5,7 +5,8 @@ findings), label_text (the report phrase), path (``files/pXX/pXXXXXXXX/sXXXXXXXX
 MIMIC-CXR tree), x, y, w, h (box in original image pixels), image_width, image_height, split. One image and
 finding can have several rows (several boxes, sometimes several phrases). The paper scores the heat map of a
 finding against its boxes with pixel-wise AUC-ROC, so the boxes become one union mask per (image, finding),
-mapped through exactly the resize and crop that the image goes through (:class:`CXRPreprocess`).
+mapped through exactly the resize and crop that the image goes through
+(``foba_core.transforms.ResizeCenterCropd`` with ``image_mode="area"``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from monai.transforms import Resize, SpatialCrop
-from monai.utils import convert_to_tensor, look_up_option
+from monai.utils import look_up_option
 
-from foba_core.transforms import square_geometry
 from foba_med.mimic import load_cxr_image, read_report, relative_image_path
 from foba_med.reports import choose_prompt
 from foba_med.vocabulary import category_name
@@ -126,38 +125,6 @@ def group_findings(df: pd.DataFrame) -> list[Finding]:
             split=str(first["split"]),
         ))
     return findings
-
-
-class CXRPreprocess:
-    """Shortest side resized to ``size``, then the centre ``size`` x ``size`` crop: one geometry for image and mask.
-
-    The geometry is ``foba_core.transforms.square_geometry`` (the natural-image pipeline's), applied with MONAI
-    ``Resize`` + ``SpatialCrop``. Call it on a (C, H, W) tensor; images are resampled with ``area``
-    (``bilinear`` when enlarging), masks with ``mode="nearest-exact"`` (see :func:`map_mask`), so a box
-    lands where its pixels went.
-    """
-
-    def __init__(self, size: int):
-        if int(size) < 1:
-            raise ValueError(f"CXRPreprocess size must be a positive int, got {size!r}")
-        self.size = int(size)
-
-    def __call__(self, img: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """Return ``img`` (C, H, W) resized and centre-cropped to (C, size, size)."""
-        height, width = img.shape[-2:]
-        scale, top, left = square_geometry(height, width, self.size)
-        resized = (max(self.size, round(height * scale)), max(self.size, round(width * scale)))
-        if mode is None:
-            mode = "area" if min(height, width) >= self.size else "bilinear"
-        out = Resize(resized, mode=mode)(img)  # (C, h, w)
-        out = SpatialCrop(roi_start=(top, left), roi_end=(top + self.size, left + self.size))(out)
-        return convert_to_tensor(out, track_meta=False)
-
-
-def map_mask(mask: torch.Tensor, transform: CXRPreprocess) -> torch.Tensor:
-    """Return the bool mask (H, W) mapped through ``transform`` with nearest-neighbour sampling."""
-    out = transform(torch.as_tensor(mask)[None].float(), mode="nearest-exact")  # (1, size, size)
-    return out[0] > 0.5
 
 
 def _find_image(mimic_dir: Path, finding: Finding, image_format: str) -> Path:

@@ -19,8 +19,9 @@ from typing import NoReturn
 
 import pandas as pd
 
+from foba_core.transforms import ResizeCenterCropd
 from foba_med.mimic import MimicCXRDataset, build_index, read_index
-from foba_med.ms_cxr import CXRPreprocess, ms_cxr_holdout
+from foba_med.ms_cxr import ms_cxr_holdout
 from foba_med.phantom import write_phantom_mimic
 from foba_med.reports import truncate_prompts
 
@@ -96,13 +97,14 @@ def load_or_prepare_index(index_csv: str | os.PathLike, mimic_dir: str | os.Path
 def training_transform(image_size: int):
     """Return the MONAI dictionary transforms of a training image: shortest side -> ``image_size``, centre crop, RGB.
 
-    The geometry is ``CXRPreprocess`` (the one the evaluation maps MS-CXR boxes through); the grayscale
-    radiograph is replicated to the three channels the LDM's VAE expects.
+    The geometry is ``foba_core.transforms.ResizeCenterCropd`` with area averaging (the one the evaluation
+    maps MS-CXR boxes through, ``foba_med.evaluate.prepare_item``); the grayscale radiograph is replicated to
+    the three channels the LDM's VAE expects.
     """
-    from monai.transforms import Compose, Lambdad, RepeatChanneld, SelectItemsd, ToTensord
+    from monai.transforms import Compose, RepeatChanneld, SelectItemsd, ToTensord
 
     return Compose([
-        Lambdad(keys="image", func=CXRPreprocess(image_size)),  # (1, S, S)
+        ResizeCenterCropd(keys="image", size=image_size, image_mode="area"),  # (1, S, S)
         RepeatChanneld(keys="image", repeats=3),  # (3, S, S), grayscale replicated to RGB
         ToTensord(keys="image", track_meta=False),
         SelectItemsd(keys=TRAIN_KEYS),

@@ -1,5 +1,5 @@
-"""MS-CXR evaluation (foba_med.evaluate, bundles/foba_cxr/configs/evaluate.yaml): box masks through the image's
-resize/crop, multi-token summation, pixel AUC-ROC, skipped and missing findings, the bundle end to end."""
+"""MS-CXR evaluation (foba_med.evaluate and .scoring, bundles/foba_cxr/configs/evaluate.yaml): box masks through
+the image's resize/crop, multi-token summation, pixel AUC-ROC, skipped and missing findings, the bundle end to end."""
 
 from pathlib import Path
 
@@ -9,21 +9,18 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from foba_core.seeds import derive_seed
 from foba_med.evaluate import (
     TRAIN_COMMAND,
     CXREvalStep,
-    CXREvalWriter,
-    centre_prior,
     ensure_phantom,
-    finding_seed,
     finding_tokens,
     load_model,
-    min_max,
     open_findings,
     prepare_item,
-    score_finding,
 )
 from foba_med.ms_cxr import MS_CXR_FILE, box_mask
+from foba_med.scoring import CXREvalWriter, centre_prior, min_max, score_finding
 
 EVALUATE = Path(__file__).resolve().parent.parent / "bundles" / "foba_cxr" / "configs" / "evaluate.yaml"
 TINY_PHANTOM = dict(n_subjects=6, seed=3, size=32, ms_cxr_fraction=1.0, p_normal=0.0, p_lateral=0.0)
@@ -89,8 +86,8 @@ def test_finding_tokens_take_all_sub_tokens_and_say_when_none(tiny_pipe):
 def test_multi_token_summation_equals_the_sum_of_separate_captures(tiny_pipe):
     from foba_core.bench import reference_heat_maps
     from foba_core.capture import token_weights
-    from foba_core.models import encode_prompts
     from foba_core.diffusion import encode_latents
+    from foba_core.models import encode_prompts
 
     item = _item(40, 60, [[30, 5, 50, 20]])
     step = CXREvalStep(tiny_pipe, timesteps=[501, 101], seed=3)
@@ -103,7 +100,7 @@ def test_multi_token_summation_equals_the_sum_of_separate_captures(tiny_pipe):
     hidden, key_mask = encode_prompts(tiny_pipe, [item["caption"]])
     ref = reference_heat_maps(tiny_pipe.unet, tiny_pipe.scheduler, z0, hidden,
                               token_weights([[rec["token_index"]]], hidden.shape[1]), text_mask=key_mask,
-                              timesteps=[501, 101], seed=finding_seed(3, item["id"]))[0][0, 0]
+                              timesteps=[501, 101], seed=derive_seed(3, "q_sample", item["id"]))[0][0, 0]
     assert torch.allclose(rec["heat"], ref, rtol=1e-5, atol=1e-6)
     assert torch.allclose(rec["token_maps"].sum(0), ref, rtol=1e-5, atol=1e-6)
     assert all(not torch.allclose(m, ref, rtol=1e-2) for m in rec["token_maps"])  # no single token is the sum

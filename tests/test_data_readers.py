@@ -25,7 +25,8 @@ from foba_core.data import open_dataset
 from foba_core.data.cars import StanfordCars
 from foba_core.data.cub import CUB200
 from foba_core.data.dogs import StanfordDogs
-from foba_core.data.h36m import Human36M, main, person_crop, prepare_h36m
+from foba_core.data.h36m import Human36M, main
+from foba_core.data.h36m_prepare import person_crop, prepare_h36m
 
 W, H = 40, 30
 RED, GREEN = (220, 20, 20), (0, 160, 0)
@@ -642,7 +643,7 @@ def test_cars_wrong_files_are_named(tmp_path):
 
 def test_h36m_v5_mask_files_and_raw_copy_through_open_dataset(tmp_path):
     pytest.importorskip("h5py")
-    from foba_core.data.h36m import MatMasks
+    from foba_core.data.h36m_prepare import MatMasks
 
     src = tmp_path / "h36m"
     make_h36m_frames_subject(src)

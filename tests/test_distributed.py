@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,7 +47,7 @@ def test_shards_cover_every_index_once_in_order_for_any_count():
 def test_rank_seeds_keep_the_user_seed_on_rank0_and_differ_elsewhere():
     assert distributed.rank_seed(7, 0) == 7
     seeds = [distributed.rank_seed(7, r) for r in range(8)]
-    assert len(set(seeds)) == 8 and all(0 <= s < 2**31 for s in seeds)
+    assert len(set(seeds)) == 8 and all(0 <= s < 2**32 for s in seeds)
     assert seeds == [distributed.rank_seed(7, r) for r in range(8)]  # deterministic
     assert distributed.rank_seed(8, 1) != distributed.rank_seed(7, 1)
 
@@ -87,9 +88,13 @@ def test_reshuffling_sampler_shares_one_permutation_and_draws_a_new_one_each_pas
     for s in samplers:
         s.set_epoch(1)
     assert [list(s) for s in samplers] == passes[0]  # reproducible from the epoch
-    torch_sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=0, shuffle=True, seed=3)
-    torch_sampler.set_epoch(1 * 1_000_003)
+    from foba_core.seeds import derive_seed
+
+    # pass 0 of epoch 1 is torch's shuffle with the seed derived from (seed, epoch, pass)
+    torch_sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=0, shuffle=True,
+                                                        seed=derive_seed(3, "shuffle", 1, 0))
     assert list(torch_sampler) == passes[0][0]
+    assert samplers[0].seed == 3 and samplers[0].epoch == 1  # the sampler's own state is left as it was
 
 
 def test_effective_batch_is_printed(capsys):
@@ -99,26 +104,29 @@ def test_effective_batch_is_printed(capsys):
 
 
 def test_stage1_metrics_equal_the_accumulators():
+    from sklearn.metrics import roc_auc_score
+
     from foba_core.masks import upsample_mask
-    from foba_core.metrics import (AUCAccumulator, SegmentationAccumulator, accuracy, auc_roc, foreground_iou,
-                                   mean_iou)
+    from foba_core.metrics import SegmentationAccumulator, accuracy, auc_roc, foreground_iou, mean_iou
     from foba_core.preliminary import _at_mask_size, stage1_metrics
 
     gen = torch.Generator().manual_seed(0)
-    records, auc, seg = [], AUCAccumulator(), SegmentationAccumulator()
+    records, aucs, pixels, seg = [], [], [], SegmentationAccumulator()
     for k in range(5):
         heat, gt = torch.rand(8, 8, generator=gen), torch.rand(16, 16, generator=gen) > 0.6
         pre = heat > 0.5
         heat_up, pre_up = _at_mask_size(heat, pre, gt)
         assert torch.equal(pre_up, upsample_mask(pre, (16, 16)))
-        auc.update(heat_up, gt)
+        aucs.append(roc_auc_score(gt.ravel().numpy(), heat_up.ravel().numpy()))
+        pixels.append((heat_up.ravel().numpy(), gt.ravel().numpy()))
         seg.update(pre_up, gt)
         row = {"id": str(k), "auc_roc": auc_roc(heat_up, gt), "acc_pre": accuracy(pre_up, gt),
                "iou_pre": foreground_iou(pre_up, gt), "miou_pre": mean_iou(pre_up, gt)}
         records.append({"row": row, "heat": heat, "m_pre": pre, "gt": gt})
-    m, a, s = stage1_metrics(records), auc.aggregate(), seg.aggregate()
-    assert m["n_images"] == 5 and m["auc_skipped"] == a["skipped"] == 0
-    for mine, theirs in [("auc_roc", a["auc"]), ("auc_roc_pooled", a["auc_pooled"]), ("acc_pre", s["acc"]),
+    pooled = roc_auc_score(np.concatenate([t for _, t in pixels]), np.concatenate([h for h, _ in pixels]))
+    m, s = stage1_metrics(records), seg.aggregate()
+    assert m["n_images"] == 5 and m["auc_skipped"] == 0
+    for mine, theirs in [("auc_roc", np.mean(aucs)), ("auc_roc_pooled", pooled), ("acc_pre", s["acc"]),
                          ("iou_pre", s["iou"]), ("miou_pre", s["miou"]), ("iou_pre_per_image", s["iou_per_image"]),
                          ("miou_pre_per_image", s["miou_per_image"]), ("acc_pre_per_image", s["acc_per_image"])]:
         assert m[mine] == pytest.approx(theirs, abs=1e-12), mine

@@ -131,3 +131,17 @@ def test_toy_backgrounds_are_object_free_textures_of_the_world():
     assert a.shape == (5, 3, 32, 32) and torch.equal(a, b)
     assert not torch.equal(a, toy_backgrounds(5, seed=2))
     assert a.min() >= 0 and a.max() <= 1
+
+
+def test_quantise_is_the_one_uint8_conversion_of_the_fid_networks_and_the_pictures():
+    import numpy as np
+
+    from foba_core.visualize import quantise, to_uint8
+
+    images = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
+    q = quantise(images)
+    assert q.dtype == torch.uint8 and q.shape == (2, 3, 5, 7) and torch.equal(quantise(q), q)
+    assert torch.equal(q[:, 0], (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8))
+    assert np.array_equal(to_uint8(images[1]), q[1].permute(1, 2, 0).numpy())  # the HWC array of one picture
+    with pytest.raises(ValueError, match="1 or 3"):
+        quantise(torch.rand(3, 5, 5))

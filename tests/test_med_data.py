@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from foba_core.transforms import ResizeCenterCropd, resize_center_crop
 from foba_med.mimic import (
     CXRReadError,
     MimicCXRDataset,
@@ -24,16 +25,15 @@ from foba_med.mimic import (
     relative_report_path,
 )
 from foba_med.ms_cxr import (
-    CXRPreprocess,
     MSCXRDataset,
     box_mask,
     group_findings,
-    map_mask,
     ms_cxr_holdout,
     read_ms_cxr,
     xywh_to_boxes,
 )
-from foba_med.phantom import PhantomFinding, render_frontal, write_phantom_mimic
+from foba_med.phantom import write_phantom_mimic
+from foba_med.phantom_drawing import PhantomFinding, render_frontal
 from foba_med.reports import choose_prompt, parse_sections, truncate_prompts
 from foba_med.vocabulary import CATEGORIES, DISEASE_TERMS, category_name, find_disease_words
 
@@ -489,8 +489,8 @@ def test_box_mask_maps_where_the_pixels_go(height, width, box, size, expected):
     image = torch.zeros(1, height, width)
     mask = box_mask([box], height, width)
     image[0][mask] = 1.0
-    transform = CXRPreprocess(size)
-    image_out, mask_out = transform(image), map_mask(mask, transform)
+    out = ResizeCenterCropd(keys=("image", "mask"), size=size, image_mode="area")({"image": image, "mask": mask})
+    image_out, mask_out = out["image"], out["mask"]
     assert image_out.shape == (1, size, size) and mask_out.shape == (size, size) and mask_out.dtype == torch.bool
     if expected is not None:
         assert torch.equal(mask_out, box_mask([expected], size, size))
@@ -500,10 +500,10 @@ def test_box_mask_maps_where_the_pixels_go(height, width, box, size, expected):
 
 @pytest.mark.parametrize("height, width, size", [(61, 100, 32), (100, 57, 31), (40, 40, 33), (70, 45, 20)])
 def test_cxr_preprocess_matches_the_core_pipeline_geometry(height, width, size):
-    from foba_core.transforms import resize_center_crop
-
     mask = box_mask([(7, 9, 30, 35), (20, 2, 26, 60)], height, width)
-    assert torch.equal(map_mask(mask, CXRPreprocess(size)), resize_center_crop(mask, size, is_mask=True))
+    cxr = ResizeCenterCropd(keys=("image", "mask"), size=size, image_mode="area")  # the radiographs' resampling
+    out = cxr({"image": torch.rand(1, height, width), "mask": mask})
+    assert torch.equal(out["mask"], resize_center_crop(mask, size, is_mask=True))  # masks: the natural images' way
 
 
 def test_ms_cxr_dataset_reads_images_and_scales_boxes_of_resized_copies(tmp_path):

@@ -10,12 +10,10 @@ import torch
 from sklearn.metrics import accuracy_score, jaccard_score, roc_auc_score
 
 from foba_core.metrics import (
-    AUCAccumulator,
     BoxIoUAccumulator,
     SegmentationAccumulator,
     accuracy,
     auc_roc,
-    background_iou,
     box_iou,
     box_iou_best,
     boxes_union,
@@ -70,7 +68,6 @@ def test_segmentation_metrics_hand_case():
     assert confusion_counts(PRED, TARGET) == (2, 2, 1, 3)
     assert accuracy(PRED, TARGET) == pytest.approx(5 / 8)
     assert foreground_iou(PRED, TARGET) == pytest.approx(2 / 5)
-    assert background_iou(PRED, TARGET) == pytest.approx(3 / 6)
     assert mean_iou(PRED, TARGET) == pytest.approx((2 / 5 + 3 / 6) / 2)
 
 
@@ -81,7 +78,6 @@ def test_segmentation_metrics_match_sklearn():
     p, t = pred.ravel().numpy(), target.ravel().numpy()
     assert accuracy(pred, target) == pytest.approx(accuracy_score(t, p))
     assert foreground_iou(pred, target) == pytest.approx(jaccard_score(t, p))
-    assert background_iou(pred, target) == pytest.approx(jaccard_score(t, p, pos_label=0))
     assert mean_iou(pred, target) == pytest.approx(jaccard_score(t, p, average="macro"))
     assert foreground_iou(pred.numpy().astype(np.uint8), target.numpy()) == pytest.approx(jaccard_score(t, p))
 
@@ -91,7 +87,6 @@ def test_empty_masks_agree_perfectly():
     full = torch.ones(5, 5, dtype=torch.bool)
     assert foreground_iou(empty, empty) == 1.0
     assert mean_iou(empty, empty) == 1.0
-    assert background_iou(full, full) == 1.0
     assert foreground_iou(empty, full) == 0.0
     with pytest.raises(ValueError, match="shape"):
         accuracy(empty, torch.zeros(4, 5, dtype=torch.bool))
@@ -164,38 +159,6 @@ def test_segmentation_accumulator_batches_and_reset():
     batched.reset()
     with pytest.raises(ValueError, match="update"):
         batched.aggregate()
-
-
-def test_auc_accumulator_per_image_pooled_and_skipped():
-    g = torch.Generator().manual_seed(4)
-    images = [(torch.rand(8, 8, generator=g), torch.rand(8, 8, generator=g) > 0.5) for _ in range(3)]
-    images[1] = (images[1][0] * 10 + 5, images[1][1])  # another scale: pooled and per-image AUC now differ
-    acc = AUCAccumulator()
-    for k, (s, t) in enumerate(images):
-        acc.update(s, t, image_id=str(k))
-    with pytest.warns(UserWarning, match="'empty'"):
-        acc.update(torch.rand(8, 8, generator=g), torch.zeros(8, 8, dtype=torch.bool), image_id="empty")
-    out = acc.aggregate()
-    assert out["count"] == 3 and out["skipped"] == 1
-    assert out["auc"] == pytest.approx(np.mean([auc_roc(s, t) for s, t in images]))
-    all_s = np.concatenate([s.ravel().numpy() for s, _ in images] + [acc._pixel_scores[-1]])
-    all_t = np.concatenate([t.ravel().numpy() for _, t in images] + [np.zeros(64, bool)])
-    assert out["auc_pooled"] == pytest.approx(roc_auc_score(all_t, all_s), rel=1e-6)
-    assert out["auc_pooled"] != pytest.approx(out["auc"])
-
-
-def test_auc_accumulator_subsampling_is_seeded_and_bounded():
-    g = torch.Generator().manual_seed(5)
-    scores, target = torch.rand(16, 16, generator=g), torch.rand(16, 16, generator=g) > 0.5
-    runs = []
-    for _ in range(2):
-        acc = AUCAccumulator(pixels_per_image=50, seed=11)
-        acc.update(scores, target)
-        acc.update(scores.T, target)
-        runs.append(acc.aggregate())
-        assert all(len(s) == 50 for s in acc._pixel_scores)
-    assert runs[0] == runs[1]
-    assert runs[0]["auc"] == pytest.approx((auc_roc(scores, target) + auc_roc(scores.T, target)) / 2)
 
 
 def test_box_accumulator_from_masks_and_boxes():

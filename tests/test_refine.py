@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from foba_core.diffusion import decode_latents, encode_latents
 from foba_core.models import make_scheduler
-from foba_core.refine import crop_masks, inpaint_background, inpaint_latents, refine_masks
+from foba_core.refine import crop_masks, inpaint_latents, refine_masks
 
 SCHEDULERS = ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
 
@@ -19,6 +20,11 @@ def pipe():
     from tiny_sd import tiny_pipeline
 
     return tiny_pipeline(0, text_attention_mask=True)  # 16 x 16 images, 4 x 8 x 8 latents
+
+
+def _inpaint(pipe, images: torch.Tensor, m_pre: torch.Tensor, **kwargs) -> torch.Tensor:
+    """m'(z̃0, y_b) of images (B, 3, H, W): encoded, inpainted in latent space (Eq. 6), decoded."""
+    return decode_latents(pipe, inpaint_latents(pipe, encode_latents(pipe, images), m_pre, **kwargs))
 
 
 def _foreground(b: int = 2, size: int = 8) -> torch.Tensor:
@@ -94,19 +100,21 @@ def test_strength_runs_the_last_steps_only(pipe):
 def test_inpainting_is_seeded_and_batch_independent(pipe):
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     m_pre = _foreground()
-    a = inpaint_background(pipe, images, m_pre, num_inference_steps=3, seed=7)
-    b = inpaint_background(pipe, images, m_pre, num_inference_steps=3, seed=7)
+    a = _inpaint(pipe, images, m_pre, num_inference_steps=3, seed=7)
+    b = _inpaint(pipe, images, m_pre, num_inference_steps=3, seed=7)
     assert a.shape == (2, 3, 16, 16) and 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, b)
-    c = inpaint_background(pipe, images, m_pre, num_inference_steps=3, seed=8)
+    c = _inpaint(pipe, images, m_pre, num_inference_steps=3, seed=8)
     assert not torch.allclose(a, c)
-    second = inpaint_background(pipe, images[1:], m_pre[1:], num_inference_steps=3, seed=8)  # image 1 of seed 7
+    second = _inpaint(pipe, images[1:], m_pre[1:], num_inference_steps=3, seed=8)  # image 1 of seed 7
     assert torch.allclose(a[1:], second, atol=1e-5)
+    other = _inpaint(pipe, images, m_pre, num_inference_steps=3, seed=7, sample=1)  # another inpainting k
+    assert not torch.allclose(a, other)
+    assert torch.allclose(other[1:], _inpaint(pipe, images[1:], m_pre[1:], num_inference_steps=3, seed=8, sample=1),
+                          atol=1e-5)
 
 
 def test_real_unet_inpainting_keeps_background_latents_and_gets_the_key_mask(pipe):
-    from foba_core.diffusion import encode_latents
-
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     z0 = encode_latents(pipe, images)
     seen = []
@@ -148,15 +156,13 @@ def test_refine_masks_stay_inside_the_upsampled_preliminary_mask(pipe):
 
 def test_several_inpaintings_draw_independent_noise_and_eq5_averages_them(pipe):
     from foba_core.masks import refined_mask, upsample_mask
-    from foba_core.refine import SAMPLE_SEED_STRIDE
 
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     m_pre = _foreground()
     masks, inpainted = refine_masks(pipe, images, m_pre, num_inference_steps=3, seed=5, n_samples=3)
     assert inpainted.shape == (3, 2, 3, 16, 16)
-    assert torch.allclose(inpainted[0], inpaint_background(pipe, images, m_pre, num_inference_steps=3, seed=5))
-    assert torch.allclose(inpainted[2], inpaint_background(pipe, images, m_pre, num_inference_steps=3,
-                                                           seed=5 + 2 * SAMPLE_SEED_STRIDE))
+    assert torch.allclose(inpainted[0], _inpaint(pipe, images, m_pre, num_inference_steps=3, seed=5))
+    assert torch.allclose(inpainted[2], _inpaint(pipe, images, m_pre, num_inference_steps=3, seed=5, sample=2))
     assert not torch.allclose(inpainted[0], inpainted[1])
     up = upsample_mask(m_pre, (16, 16))
     for i in range(2):
@@ -182,7 +188,7 @@ def test_crop_masks_recover_an_object_on_a_plain_background():
 def test_latent_normalisation_follows_the_vae_config_and_round_trips():
     from tiny_sd import tiny_pipeline
 
-    from foba_core.diffusion import decode_latents, encode_latents, reconstruct, to_diffusion_latents, to_vae_latents
+    from foba_core.diffusion import reconstruct, to_diffusion_latents, to_vae_latents
 
     pipe = tiny_pipeline(0)
     vae = pipe.vae

@@ -100,19 +100,9 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 
-def load_rgb(path: Path, dataset: str) -> torch.Tensor:
-    """Return the image at ``path`` as stored, as a (3, H, W) float tensor in [0, 1] (see :func:`to_tensor`)."""
-    return to_tensor(open_image(path, f"a {dataset} image"))
-
-
 def mask_array(im: Image.Image) -> np.ndarray:
     """Return a mask image as (H, W) uint8 grey values; grey + alpha, palette and RGB masks drop to their grey."""
     return np.asarray(_uint8(im).convert("L"), dtype=np.uint8)
-
-
-def load_mask(path: Path, dataset: str, threshold: int) -> torch.Tensor:
-    """Return the 8-bit mask at ``path`` binarised as ``value > threshold``: a (H, W) bool tensor."""
-    return torch.from_numpy(mask_array(open_image(path, f"a {dataset} mask")) > threshold)
 
 
 def boxes_to_pixels(boxes: np.ndarray, height: int, width: int) -> torch.Tensor:

@@ -61,11 +61,6 @@ def read_voc_annotation(path: Path) -> tuple[np.ndarray, tuple[int, int] | None]
     return boxes, ((width, height) if width > 0 and height > 0 else None)
 
 
-def read_voc_boxes(path: Path) -> np.ndarray:
-    """Return every <object>'s box of a VOC-style XML file as float (N, 4), 0-based with exclusive end."""
-    return read_voc_annotation(path)[0]
-
-
 def read_split_list(path: Path) -> list[tuple[str, str, int]]:
     """Return (image path, annotation path, 1-based label) triples from a train_list/test_list .mat file."""
     what = "a Stanford Dogs split list (MATLAB file with file_list, annotation_list, labels, as in lists.tar)"
