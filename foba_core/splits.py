@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from foba_core.io import atomic_write, write_json
-from foba_core.transforms import map_boxes, resize_center_crop
+from foba_core.transforms import ResizeCenterCropd
 
 IMAGE_DTYPES = ("float32", "uint8")
 
@@ -34,18 +34,11 @@ def _check_dtype(dtype: str) -> str:
 
 
 def model_geometry(item: dict, size: int) -> dict:
-    """Return the item's image (3, S, S), mask (S, S) | None and boxes (k, 4) at the model's resolution S.
-
-    Boxes that fall outside the centre square (zero area after clipping) are dropped.
-    """
+    """Return the item's image (3, S, S), mask (S, S) | None and boxes (k, 4) | None at the model's resolution S
+    (``transforms.ResizeCenterCropd``: boxes outside the centre square are dropped)."""
     image = item["image"].expand(3, -1, -1) if item["image"].shape[0] == 1 else item["image"]
-    mask = item.get("mask")
-    boxes = item.get("boxes")
-    if boxes is not None:
-        boxes = map_boxes(boxes, *image.shape[-2:], size)
-        boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
-    return {"image": resize_center_crop(image, size),
-            "mask": None if mask is None else resize_center_crop(mask, size, is_mask=True), "boxes": boxes}
+    geometry = ResizeCenterCropd(("image", "mask", "boxes"), size)
+    return geometry({"image": image, "mask": item.get("mask"), "boxes": item.get("boxes")})
 
 
 def cache_split(data, folder: str, size: int, image_dtype: str = "float32", chunk_size: int = 256,

@@ -114,3 +114,34 @@ def test_the_composed_main_jobs_define_every_stage_they_run(dataset, bundle, mon
     # the U-Net template, copied once per training set, reads each copy's own name
     assert [parser.get_parsed_content(f"segment#{n}#engine#stage#name") for n in ("unet_M_pre", "unet_M")] == [
         "unet_M_pre", "unet_M"]
+
+
+@pytest.mark.slow
+def test_stage1_sharded_over_two_processes_writes_what_one_process_writes(tmp_path, monkeypatch):
+    import torch
+    from monai.bundle import ConfigWorkflow
+    from test_distributed import _torchrun, one_thread
+    from tiny_sd import save_tiny_sd
+
+    save_tiny_sd(tmp_path / "sd", seed=0, text_attention_mask=True)
+    files = STAGE_FILES + ["configs/datasets/toy.yaml", "bundles/foba_toy/configs/pipeline.yaml"]
+    settings = {"pretrained": str(tmp_path / "sd"), "splits": ["test"], "n_test": 7, "stage1_batch_size": 3,
+                "timesteps": [501, 1], "n_overlays": 5}
+    monkeypatch.chdir(ROOT)
+    wf = ConfigWorkflow(config_file=files, workflow_type="infer", run_id="run_stage1",
+                        output_dir=str(tmp_path / "single"), **settings)
+    wf.initialize()
+    with one_thread():
+        wf.run()
+    args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in settings.items()]
+    _torchrun(files + ["configs/fragments/multi_gpu_stage1.yaml"], ROOT, "run_stage1", *args,
+              f"--output_dir={tmp_path / 'sharded'}")
+    single, sharded = (tmp_path / "single" / "stage1" / "test", tmp_path / "sharded" / "stage1" / "test")
+    a, b = torch.load(single / "stage1.pt", weights_only=True), torch.load(sharded / "stage1.pt", weights_only=True)
+    assert a["ids"] == b["ids"] and len(a["ids"]) == 7
+    torch.testing.assert_close(b["heatmaps"], a["heatmaps"], rtol=0, atol=1e-6)
+    assert torch.equal(a["m_pre"], b["m_pre"])
+    for name in ("per_image.csv", "metrics.json"):
+        assert (sharded / name).read_text() == (single / name).read_text()
+    assert sorted(os.listdir(sharded / "overlays")) == sorted(os.listdir(single / "overlays"))
+    assert read_record(tmp_path / "sharded" / "stage1")["complete"]

@@ -7,7 +7,9 @@ import warnings
 import pytest
 
 PRETRAIN = os.path.join(os.path.dirname(__file__), "..", "bundles", "foba_toy", "configs", "pretrain.yaml")
-MASKS = os.path.join(os.path.dirname(__file__), "..", "bundles", "foba_toy", "configs", "masks.yaml")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+TOY_JOB = str([f"configs/stages/{s}.yaml" for s in ("stage1", "finetune", "refine", "segment", "guidance", "report")]
+              + ["configs/datasets/toy.yaml", "bundles/foba_toy/configs/pipeline.yaml"])
 
 
 def _experiment_runs(store, name: str) -> tuple:
@@ -43,18 +45,22 @@ def test_pretraining_logs_its_parameters_and_loss_curve_to_mlflow(tmp_path):
     assert [value for _, value in curve] == pytest.approx(losses)
 
 
-def test_stage1_bundle_logs_the_metrics_it_writes_to_mlflow(tmp_path):
-    from monai.bundle import ConfigWorkflow
+def test_stage1_logs_the_metrics_it_writes_to_mlflow(tmp_path):
+    import subprocess
+    import sys
+
     from tiny_sd import save_tiny_sd
 
     save_tiny_sd(tmp_path / "model", seed=0, text_attention_mask=True)
     out = tmp_path / "out"
-    wf = ConfigWorkflow(config_file=MASKS, workflow_type="infer", tracking="mlflow", output_dir=str(out),
-                        pretrained=str(tmp_path / "model"), n_images=4, batch_size=2, timesteps=[501, 1], n_overlays=2)
-    wf.initialize()
-    wf.run()
-    written = json.loads((out / "metrics.json").read_text())
-    _, runs = _experiment_runs(out / "mlruns.db", "foba_toy_masks")
-    assert len(runs) == 1
+    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "run_stage1", "--config_file", TOY_JOB,
+                    "--tracking", "mlflow", f"--output_dir={out}", f"--pretrained={tmp_path / 'model'}",
+                    "--splits=['test']", "--n_test=4", "--stage1_batch_size=2", "--timesteps=[501, 1]",
+                    "--n_overlays=2"], cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": ROOT})
+    written = json.loads((out / "stage1" / "test" / "metrics.json").read_text())
+    _, runs = _experiment_runs(out / "mlruns.db", "foba_toy_pipeline")
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"images", "stage1"}  # one MLflow run per stage
     for key in ("auc_roc", "iou_pre", "miou_pre"):
-        assert runs[0].data.metrics[key] == pytest.approx(written[key])
+        assert by_name["stage1"].data.metrics[f"test_{key}"] == pytest.approx(written[key])
+    assert by_name["stage1"].data.params["t0"] == "40" and by_name["images"].data.params["dataset"] == "toy"
