@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from foba_core.fid import (FID_LABEL_TOY, INCEPTION_URL, ToyFeatureNet, extract_features, fid, fid_label,
-                           load_feature_network, object_score, train_toy_feature_network)
+from foba_core.fid import INCEPTION_URL, extract_features, fid, fid_label, load_feature_network
+from foba_core.toy.features import FID_LABEL_TOY, ToyFeatureNet, object_score, train_toy_feature_network
 from foba_core.toy.world import ToyWorld
 
 
@@ -109,7 +109,7 @@ def test_object_score_is_one_minus_the_background_probability():
 
 
 def test_random_blur_draws_one_gaussian_per_image():
-    from foba_core.fid import random_blur
+    from foba_core.toy.features import random_blur
 
     images = torch.zeros(3, 3, 16, 16)
     images[:, :, 8, 8] = 1.0  # a single bright pixel: the blurred image is the kernel itself

@@ -117,7 +117,7 @@ def _run(dataset: str, capsys=None, **overrides) -> str:
 def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path, capsys):
     from tiny_sd import save_tiny_sd
 
-    from foba_core.fid import ToyFeatureNet
+    from foba_core.toy.features import ToyFeatureNet
 
     save_tiny_sd(tmp_path / "sd")
     torch.jit.save(torch.jit.script(ToyFeatureNet(["bird", "background"], image_size=16).eval()), tmp_path / "net.pt")

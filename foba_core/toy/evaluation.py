@@ -1,6 +1,6 @@
 """Toy-only evaluation that the foba_toy bundle attaches to the main job: what the toy feature network can tell.
 
-The toy feature network (``foba_core.fid.train_toy_feature_network``) is a classifier of the toy classes
+The toy feature network (``foba_core.toy.features``) is a classifier of the toy classes
 plus an object-free class, so besides FID features it scores P(an object is present) of any image
 (``object_score``). The guidance stage takes it as its ``scorer``; :func:`object_rows` adds the fid.csv rows
 that put those scores in context: the background samples (w = -1), the real scenes, and object-free toy
@@ -14,7 +14,8 @@ import math
 import torch
 
 from foba_core.diffusion import reconstruct
-from foba_core.fid import fid_label, object_score
+from foba_core.fid import fid_label
+from foba_core.toy.features import object_score
 from foba_core.toy.world import toy_backgrounds
 
 VAE_BACKGROUNDS = "vae_reconstruction_backgrounds"  # fid.csv row: object-free toy textures through the VAE
