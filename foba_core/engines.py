@@ -434,13 +434,3 @@ class ResumableTrainer(SupervisedTrainer):
                   f"{self.checkpoint_dir}); nothing to run", flush=True)
             return
         super().run()
-
-
-def run_unless_done(trainer: Engine) -> None:
-    """Run ``trainer``, unless the checkpoint it resumed from already finished (ignite would start over)."""
-    state = trainer.state
-    if state.epoch_length and state.max_epochs and state.iteration >= state.epoch_length * state.max_epochs:
-        print(f"training already finished at iteration {state.iteration}; nothing to run "
-              "(use a new --output_dir to train again)", flush=True)
-        return
-    trainer.run()
