@@ -1,5 +1,5 @@
-"""The training configs copy one trainer wiring (configs/fragments/diffusion_trainer.yaml) with MONAI's
-``%file#id`` macros; each builds a ResumableTrainer."""
+"""The training configs copy one trainer wiring (configs/fragments/diffusion_trainer.yaml) and one DDP override
+(configs/fragments/multi_gpu.yaml) with MONAI's ``%file#id`` macros; each builds a ResumableTrainer."""
 
 import os
 
@@ -51,6 +51,20 @@ def test_each_training_config_copies_the_fragment_and_gives_every_key_it_needs(c
     assert needed >= {"unet", "max_steps", "accumulation_steps", "checkpoint_dir", "tracking_params"}
     given = set(parser.get()) | {f"train#{key}" for key in parser["train"]}
     assert needed <= given, sorted(needed - given)
+
+
+@pytest.mark.parametrize("base, override", [(FINETUNE, os.path.join(TOY, "multi_gpu_finetune.yaml")),
+                                            (CXR_TRAIN, os.path.join(CXR, "multi_gpu_train.yaml"))])
+def test_the_multi_gpu_overrides_share_one_ddp_fragment(base, override, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    fragment = ConfigParser.load_config_file(os.path.join(FRAGMENTS, "multi_gpu.yaml"))
+    single, multi = _parser(base), _parser(base, override)
+    for parser in (single, multi):
+        parser.resolve_macro_and_relative_ids()
+    assert multi["device"] == fragment["device"]
+    assert multi["initialize"][0] == fragment["initialize"][0]  # joins the group, seeds with the rank seed
+    assert multi["initialize"][1:] == single["initialize"][1:]  # the base config's own steps stay
+    assert multi["train#trainer"] == single["train#trainer"]  # DDP, rank-0 handlers, resume: the trainer's
 
 
 def _trainer(config, **overrides):
