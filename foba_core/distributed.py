@@ -52,16 +52,21 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(device: torch.device | str | None = None) -> torch.device:
+def init_process_group(device: torch.device | str | None = None, seed: int | None = None) -> torch.device:
     """Join the process group that torchrun describes (nccl on GPU, gloo on CPU) and return this process's device.
 
     Started without torchrun (no ``WORLD_SIZE`` in the environment) the process stays alone: rank 0 of 1.
+    With ``seed``, the process is then seeded with its :func:`rank_seed` (MONAI ``set_determinism``).
     """
     device = torch.device(device) if device is not None else local_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ and not is_distributed():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if seed is not None:
+        from monai.utils import set_determinism
+
+        set_determinism(seed=rank_seed(seed))
     return device
 
 

@@ -1,9 +1,11 @@
-"""Small ignite/MONAI engine helpers shared by every training bundle.
+"""Small ignite/MONAI engine helpers shared by every training bundle, and the one trainer that wires them.
 
-Resume from the latest checkpoint (:func:`resume`) and keep the newest ones (:class:`ResumableCheckpointSaver`),
-clip the gradient before each optimiser step (:class:`ClipGradNorm`), warm up the learning rate
-(:func:`warmup_schedule`), keep the loss curve (:class:`LossLog`) and report it to StatsHandler and
-MLflow (:func:`loss_value`, :func:`configure_tracking`).
+:class:`ResumableTrainer` is MONAI's ``SupervisedTrainer`` with the wiring every foba training shares: it steps
+the learning-rate schedule, clips the gradient before each optimiser step (:class:`ClipGradNorm`), logs the loss
+(StatsHandler, :class:`LossLog`, an ignite ProgressBar), keeps the newest checkpoints
+(:class:`ResumableCheckpointSaver`), resumes from them (:func:`resume`) and does not start a finished run over.
+The pieces stay usable alone: warm-up schedule (:func:`warmup_schedule`), loss for StatsHandler and MLflow
+(:func:`loss_value`, :func:`configure_tracking`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from collections.abc import Sequence
 
 import torch
 from ignite.engine import Engine, Events
+from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointSaver, LrScheduleHandler, StatsHandler
+from monai.utils import look_up_option
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +80,18 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
     return final if final_iteration >= numbered_iteration else numbered
 
 
-def resume(checkpoint_dir: str, objects: dict) -> str | None:
-    """Load the latest checkpoint of ``checkpoint_dir`` into ``objects`` (engine, networks, optimisers); return its path."""
+def resume(checkpoint_dir: str, objects: dict, optional: Sequence[str] = ()) -> str | None:
+    """Load the latest checkpoint of ``checkpoint_dir`` into ``objects`` (engine, networks, optimisers); return its path.
+
+    The ``optional`` names may be missing from the checkpoint (older checkpoints, or state that was empty then).
+    """
     from ignite.handlers import Checkpoint
 
     path = latest_checkpoint(checkpoint_dir)
     if path is None:
         return None
     state = _load_checkpoint(path)
+    objects = {k: v for k, v in objects.items() if k in state or k not in optional}
     engines = [obj for obj in objects.values() if isinstance(obj, Engine)]
     wanted = [(e.state.max_epochs, e.state.epoch_length) for e in engines]
     Checkpoint.load_objects(to_load=objects, checkpoint=state)
@@ -146,17 +154,26 @@ class ClipGradNorm:
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, drop_step: int | None = None,
-                    drop_factor: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+                    drop_factor: float = 1.0, accumulation_steps: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
     """Return a linear learning-rate warm-up over ``warmup_steps`` optimiser steps, constant afterwards; from
-    optimiser step ``drop_step`` on (if given), the learning rate is ``drop_factor`` times the peak."""
-    warmup_steps = max(1, int(warmup_steps))
-    if drop_step is not None and int(drop_step) < warmup_steps:
-        raise ValueError(f"drop_step ({drop_step}) must not come before the end of the warm-up ({warmup_steps})")
+    optimiser step ``drop_step`` on (if given), the learning rate is ``drop_factor`` times the peak.
+
+    The schedule is stepped once per iteration; with gradient accumulation an optimiser step is
+    ``accumulation_steps`` iterations, so warm-up and drop are counted in iterations of that many.
+    """
+    acc = int(accumulation_steps)
+    if acc < 1:
+        raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+    warmup_steps = max(1, int(warmup_steps) * acc)
+    drop_step = None if drop_step is None else int(drop_step) * acc
+    if drop_step is not None and drop_step < warmup_steps:
+        raise ValueError(f"drop_step ({drop_step // acc}) must not come before the end of the warm-up "
+                         f"({warmup_steps // acc})")
     if not 0.0 < float(drop_factor) <= 1.0:
         raise ValueError(f"drop_factor must be in (0, 1], got {drop_factor}")
 
     def factor(step: int) -> float:
-        if drop_step is not None and step >= int(drop_step):
+        if drop_step is not None and step >= drop_step:
             return float(drop_factor)
         return min(1.0, (step + 1) / warmup_steps)
 
@@ -262,11 +279,158 @@ class ResumableCheckpointSaver(CheckpointSaver):
                           self.written)
 
 
-def run_unless_done(trainer: Engine) -> None:
-    """Run ``trainer``, unless the checkpoint it resumed from already finished (ignite would start over)."""
-    state = trainer.state
-    if state.epoch_length and state.max_epochs and state.iteration >= state.epoch_length * state.max_epochs:
-        print(f"training already finished at iteration {state.iteration}; nothing to run "
-              "(use a new --output_dir to train again)", flush=True)
-        return
-    trainer.run()
+class AccumulatedGradients:
+    """Checkpoint state of the gradients summed so far in an unfinished accumulation window (empty between windows).
+
+    A run interrupted inside a window (MONAI's final checkpoint on an exception) continues that window exactly.
+    """
+
+    def __init__(self, engine: Engine, parameters):
+        self.engine, self.parameters = engine, list(parameters)
+
+    def state_dict(self) -> dict:
+        if self.engine.state.iteration == 0 or optimizer_steps_now(self.engine):
+            return {}  # the last iteration stepped the optimiser: the next one starts a new window
+        return {"grads": [None if p.grad is None else p.grad.detach().clone() for p in self.parameters]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for p, grad in zip(self.parameters, state.get("grads", ())):
+            p.grad = None if grad is None else grad.to(p.device)
+
+
+class ResumableTrainer(SupervisedTrainer):
+    """MONAI ``SupervisedTrainer`` of ``max_steps`` optimiser steps that logs, checkpoints and resumes itself.
+
+    Besides the ``SupervisedTrainer`` arguments it attaches, in this order and before ``train_handlers``:
+    the learning-rate schedule, stepped every iteration (``LrScheduleHandler``); :class:`ClipGradNorm` to
+    ``max_grad_norm`` (the unscaled gradient under ``amp``, the accumulated one with ``accumulation_steps``);
+    a StatsHandler every ``log_interval`` iterations; with ``checkpoint_dir`` a
+    :class:`ResumableCheckpointSaver` (every ``checkpoint_interval`` optimiser steps, at the end and on an
+    interruption; the newest ``keep_checkpoints`` interval ones stay) of the trainer and ``state``; with
+    ``output_dir`` a :class:`LossLog` (``output_dir/train_log.json``); an ignite ProgressBar.
+    ``train_handlers`` are extra handlers (a bundle passes ``@train#handlers``, where ``--tracking mlflow`` adds
+    its MLFlowHandler, which :func:`configure_tracking` sets up with ``tracking_params``).
+
+    ``state`` names the objects checkpointed with the trainer, the names being the checkpoint's keys: the
+    network, the optimiser and the schedule (the default) plus anything else a run needs to continue exactly,
+    e.g. a ``DiffusionBatch`` (its noise counter) or a resumable sampler. Constructed with ``resume=True``
+    (or at :meth:`resume`), the trainer and ``state`` are loaded from the newest checkpoint in
+    ``checkpoint_dir``; :meth:`run` then continues there, and does nothing for a run that already finished.
+
+    ``distributed`` (the process belongs to a torchrun process group): the network is wrapped in
+    ``DistributedDataParallel``, gradients are all-reduced once per optimiser step
+    (``distributed.SyncGradientsOnStep``), and only rank 0 attaches the handlers that write or print
+    (statistics, checkpoints, loss log, progress bar, ``train_handlers``); every rank resumes.
+    """
+
+    def __init__(self, device, max_steps: int, train_data_loader, network: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, loss_function, lr_schedule=None, max_grad_norm: float | None = None,
+                 accumulation_steps: int = 1, amp: bool = False, amp_dtype: str | torch.dtype | None = None,
+                 gradient_checkpointing: bool = False, output_dir: str | None = None, checkpoint_dir: str | None = None,
+                 checkpoint_interval: int = 0, keep_checkpoints: int = 1, state: dict | None = None,
+                 log_interval: int | None = 100, progress: bool = True, train_handlers: Sequence | None = None,
+                 tracking_params: dict | None = None, distributed: bool = False, resume: bool = True,
+                 decollate: bool = False, **kwargs):
+        from foba_core import distributed as dist_helpers
+
+        self.max_steps, acc = int(max_steps), int(accumulation_steps)
+        if self.max_steps < 1 or acc < 1:
+            raise ValueError(f"max_steps and accumulation_steps must be >= 1, got {max_steps}, {accumulation_steps}")
+        if checkpoint_dir is None and output_dir is not None:
+            checkpoint_dir = os.path.join(output_dir, "checkpoints")
+        self.checkpoint_dir = checkpoint_dir
+        state = dict(state) if state is not None else {"network": network, "optimizer": optimizer,
+                                                         **({} if lr_schedule is None else {"lr_schedule": lr_schedule})}
+        for name, obj in (("network", network), ("optimizer", optimizer), ("lr_schedule", lr_schedule)):
+            if obj is not None and not any(obj is s for s in state.values()):
+                raise ValueError(f"state must hold the trainer's {name} (a resumed run would not continue exactly); "
+                                 f"it names {sorted(state)}")
+        if gradient_checkpointing:
+            if not hasattr(network, "enable_gradient_checkpointing"):
+                raise ValueError(f"gradient_checkpointing: {type(network).__name__} has no "
+                                 "enable_gradient_checkpointing() (diffusers models have it)")
+            network.enable_gradient_checkpointing()  # recompute activations in the backward pass
+
+        handlers: list = [] if not distributed else [dist_helpers.SyncGradientsOnStep()]
+        if lr_schedule is not None:
+            handlers.append(LrScheduleHandler(lr_schedule, print_lr=False, epoch_level=False))
+        if max_grad_norm is not None:
+            handlers.append(ClipGradNorm(network.parameters(), max_grad_norm))
+        writers: list = []  # built on every rank (ignite's Checkpoint makes a collective call), attached on rank 0
+        if log_interval:
+            every = int(log_interval)
+            writers.append(StatsHandler(tag_name="train_loss", output_transform=loss_value,
+                                        iteration_log=lambda engine, iteration: iteration % every == 0))
+        if checkpoint_dir is not None:
+            writers.append(ResumableCheckpointSaver(
+                save_dir=checkpoint_dir, save_dict=state, save_interval=int(checkpoint_interval) * acc,
+                epoch_level=False, save_final=True, final_filename="checkpoint_final_iteration.pt",
+                n_saved=keep_checkpoints))
+        if output_dir is not None:
+            writers.append(LossLog(os.path.join(output_dir, "train_log.json")))
+        if progress:
+            from ignite.handlers import ProgressBar
+
+            writers.append(ProgressBar(persist=True))
+        writers += list(train_handlers or [])
+        if tracking_params is not None:
+            configure_tracking(writers, tracking_params)
+        if not distributed or dist_helpers.is_rank0():
+            handlers += writers
+
+        model = network
+        if distributed:
+            model = torch.nn.parallel.DistributedDataParallel(
+                network, device_ids=[device] if torch.device(device).type == "cuda" else None)
+        if isinstance(amp_dtype, str):
+            amp_dtype = getattr(torch, look_up_option(amp_dtype, ("bfloat16", "float16")))
+        super().__init__(device=device, max_epochs=1, epoch_length=self.max_steps * acc,
+                         train_data_loader=train_data_loader, network=model, optimizer=optimizer,
+                         loss_function=loss_function, train_handlers=handlers, amp=bool(amp),
+                         amp_kwargs=None if amp_dtype is None else {"dtype": amp_dtype},
+                         accumulation_steps=acc, decollate=decollate, **kwargs)
+        self.handlers = tuple(handlers)  # what this trainer attached, in order (train_handlers last)
+        extra_state = {}  # optional on a resume: checkpoints written without them stay loadable
+        if acc > 1 and not distributed:  # (DDP ranks accumulate local gradients: only rank 0's would be saved)
+            extra_state["gradients"] = AccumulatedGradients(self, network.parameters())
+        if self.scaler is not None:
+            extra_state["scaler"] = self.scaler  # the AMP loss scale
+        self._optional_state = tuple(extra_state)
+        for saver in self.handlers:
+            if isinstance(saver, ResumableCheckpointSaver):
+                saver.save_dict.update(extra_state)  # ignite's Checkpoint reads this very dict
+        self.state_objects = {**state, **extra_state}
+        batch = getattr(train_data_loader, "batch_size", None) or getattr(
+            getattr(train_data_loader, "batch_sampler", None), "batch_size", None)
+        if batch:
+            dist_helpers.effective_batch(batch, acc)
+        if resume:
+            self.resume()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run (as resumed) has done all its iterations."""
+        s = self.state
+        return bool(s.epoch_length and s.max_epochs and s.iteration >= s.epoch_length * s.max_epochs)
+
+    def resume(self) -> str | None:
+        """Load the newest checkpoint of ``checkpoint_dir`` into the trainer and ``state``; return its path (None: none).
+
+        A finished run asked for more steps now continues; a checkpoint of a run of another length is refused.
+        """
+        if self.checkpoint_dir is None:
+            return None
+        path = resume(self.checkpoint_dir, {**self.state_objects, "trainer": self}, optional=self._optional_state)
+        if path is not None and self.state.epoch_length != self.max_steps * self.accumulation_steps:
+            steps = f"{self.state.epoch_length / self.accumulation_steps:g}"
+            raise ValueError(f"the checkpoints in {self.checkpoint_dir} belong to a run of {steps} steps, not "
+                             f"{self.max_steps}; pass max_steps={steps} or a new output folder")
+        return path
+
+    def run(self) -> None:
+        """Train up to ``max_steps``, unless the resumed run already finished there (ignite would start it over)."""
+        if self.finished:
+            print(f"training already finished at iteration {self.state.iteration} (checkpoints in "
+                  f"{self.checkpoint_dir}); nothing to run", flush=True)
+            return
+        super().run()

@@ -5,9 +5,10 @@ region (the noise loss is masked to the rectangle minus M_pre) under y_b = "a ph
 Full-image synthesis: the whole latent is supervised under y_f = "a photo of a {object}". The U-Net
 stays a plain text-to-image U-Net (no extra mask channels), as in the authors' code.
 
-The trainer is MONAI's ``SupervisedTrainer`` with ``foba_core.diffusion.DiffusionBatch`` as its
-``prepare_batch`` (it reads each item's ``loss_mask``); ``bundles/foba_toy/configs/finetune.yaml``
-wires ``FineTuneDataset`` + ``StreamSampler`` into it.
+The trainer is ``foba_core.engines.ResumableTrainer`` (MONAI's ``SupervisedTrainer``) with
+``foba_core.diffusion.DiffusionBatch`` as its ``prepare_batch`` (it reads each item's ``loss_mask``), wired once
+in ``configs/fragments/diffusion_trainer.yaml``; ``bundles/foba_toy/configs/finetune.yaml`` feeds it
+``FineTuneDataset`` + ``StreamSampler``.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def draws_for(max_steps: int, batch_size: int, n_images: int) -> int:
 class StreamSampler(torch.utils.data.Sampler):
     """Sequential indices start, start + 1, ... of a dataset; ``start`` is set after a resume for an exact replay.
 
-    After ``engines.resume`` restores the trainer at iteration n, ``set_start(n * batch_size)`` makes
+    After the trainer resumes at iteration n (``engines.ResumableTrainer``), ``set_start(n * batch_size)`` makes
     the next pass continue the stream where the interrupted run stopped (ignite restarts the data
     iterator from the beginning).
     """

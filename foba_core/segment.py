@@ -3,8 +3,8 @@
 A U-Net (MONAI's ``UNet``) with one output channel (foreground logits) is trained with sigmoid +
 binary cross-entropy and Adam on (image, mask) pairs, for a fixed number of steps (paper: 12,000
 steps, batch 32, learning rate 1e-3, random 128x128 crops for training, centre crops for
-testing). Training runs in MONAI's ``SupervisedTrainer``; ``epoch_length = steps`` with one epoch,
-so ignite re-iterates the data loader as often as the step count needs.
+testing). Training runs in ``engines.ResumableTrainer`` (MONAI's ``SupervisedTrainer``); ``epoch_length = steps``
+with one epoch, so ignite re-iterates the data loader as often as the step count needs.
 
 Evaluation protocol (centre-crop testing): predict on the centre crop of each test image and score
 against the centre crop of its ground truth, both cut by the same ``center_crop``, i.e.
@@ -14,7 +14,6 @@ against the centre crop of its ground truth, both cut by the same ``center_crop`
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -170,24 +169,27 @@ def segmentation_loader(data: SegmentationData, batch_size: int = 32, steps: int
 
 
 def segmentation_trainer(network: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, steps: int,
-                         device=None, handlers: list | None = None, progress: bool = True):
-    """Return MONAI's SupervisedTrainer for ``steps`` iterations of sigmoid + BCE on (image, label) batches.
+                         device=None, handlers: list | None = None, progress: bool = True, output_dir: str | None = None,
+                         checkpoint_interval: int = 500):
+    """Return the resumable trainer (``engines.ResumableTrainer``) of ``steps`` iterations of sigmoid + BCE.
 
-    ``loader`` yields {image, label} batches (``segmentation_loader``). ``handlers`` become the
-    ``train_handlers`` (a bundle passes ``@train#handlers`` here, so that ``--tracking mlflow`` can
-    add its handler); an ignite ProgressBar is appended when ``progress``.
+    ``loader`` yields {image, label} batches (``segmentation_loader``). ``handlers`` become extra
+    ``train_handlers`` (a bundle passes ``@train#handlers`` here, so that ``--tracking mlflow`` can add its
+    handler); an ignite ProgressBar is attached when ``progress``. With ``output_dir``, the network, the
+    optimiser and the sampler position are checkpointed to ``output_dir/checkpoints`` every
+    ``checkpoint_interval`` steps and at the end, the loss curve goes to ``output_dir/train_log.json``, and the
+    trainer resumes from the latest checkpoint there.
     """
-    from ignite.handlers import ProgressBar
-    from monai.engines import SupervisedTrainer
+    from foba_core.engines import ResumableTrainer
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = torch.device(device) if device is not None else next(network.parameters()).device
-    train_handlers = list(handlers or []) + ([ProgressBar(persist=True)] if progress else [])
-    return SupervisedTrainer(
-        device=device, max_epochs=1, epoch_length=int(steps), train_data_loader=loader, network=network,
-        optimizer=optimizer, loss_function=torch.nn.BCEWithLogitsLoss(), decollate=False,
-        train_handlers=train_handlers,
+    return ResumableTrainer(
+        device=device, max_steps=int(steps), train_data_loader=loader, network=network, optimizer=optimizer,
+        loss_function=torch.nn.BCEWithLogitsLoss(), output_dir=output_dir, checkpoint_interval=checkpoint_interval,
+        state={"network": network, "optimizer": optimizer, "sampler": loader.batch_sampler}, log_interval=None,
+        progress=progress, train_handlers=handlers,
     )
 
 
@@ -203,8 +205,6 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int = 1200
     rerun with the same ``output_dir`` resumes from the latest checkpoint (a finished run is not
     repeated).
     """
-    from foba_core import engines
-
     images, masks = torch.as_tensor(images), torch.as_tensor(masks)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
                                                                           else "cpu")
@@ -217,26 +217,8 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int = 1200
     data = SegmentationData(images, masks, crop=crop, train=True, seed=seed, flip=flip)
     loader = segmentation_loader(data, batch_size, steps, seed)
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
-    handlers = list(handlers or [])
-    checkpoint_dir = None
-    if output_dir is not None:
-        checkpoint_dir = os.path.join(output_dir, "checkpoints")
-        handlers += [
-            engines.ResumableCheckpointSaver(
-                save_dict={"network": network, "optimizer": optimizer, "sampler": loader.batch_sampler},
-                save_dir=checkpoint_dir, save_interval=checkpoint_interval, epoch_level=False, save_final=True,
-                final_filename="checkpoint_final_iteration.pt", n_saved=1),
-            engines.LossLog(os.path.join(output_dir, "train_log.json")),
-        ]
-    trainer = segmentation_trainer(network, optimizer, loader, steps, device=device, handlers=handlers,
-                                   progress=progress)
-    objects = {"network": network, "optimizer": optimizer, "sampler": loader.batch_sampler, "trainer": trainer}
-    if checkpoint_dir is not None and engines.resume(checkpoint_dir, objects):
-        if trainer.state.epoch_length != steps:
-            raise ValueError(f"the checkpoints in {checkpoint_dir} belong to a run of {trainer.state.epoch_length} "
-                             f"steps, not {steps}; pass steps={trainer.state.epoch_length} or a new output_dir")
-    if trainer.state.iteration < steps:
-        trainer.run()
+    segmentation_trainer(network, optimizer, loader, steps, device=device, handlers=handlers, progress=progress,
+                         output_dir=output_dir, checkpoint_interval=checkpoint_interval).run()
     return network.eval()
 
 

@@ -3,8 +3,9 @@
 The paper fine-tunes Stable Diffusion's U-Net on ~160k MIMIC-CXR images conditioned on the report's
 impression, with the text encoder frozen and the MS-CXR images held out for evaluation. The bundles
 ``bundles/foba_cxr/configs/{prepare,train}.yaml`` wire these functions to ``foba_med.mimic`` (index,
-dataset), ``foba_core.diffusion`` (the noise-prediction step), ``foba_core.engines`` (resume, gradient
-clipping, loss log, MLflow) and MONAI's ``SupervisedTrainer``.
+dataset), ``foba_core.diffusion`` (the noise-prediction step) and ``foba_core.engines.ResumableTrainer`` (MONAI's
+``SupervisedTrainer`` with resume, gradient clipping, loss log, MLflow), wired in
+``configs/fragments/diffusion_trainer.yaml``.
 """
 
 from __future__ import annotations

@@ -299,13 +299,17 @@ def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path)
 # ------------------------------------------------------------------ the bundles under torchrun
 
 
-def _torchrun(configs: list[str], cwd, *args: str, timeout: int = 300) -> str:
-    """Return the stdout of ``torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run`` (README)."""
+def _torchrun(configs: list[str], *args: str, timeout: int = 300) -> str:
+    """Return the stdout of ``torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run`` (README).
+
+    It runs in the repository root, as the README's commands do: the training configs include
+    ``configs/fragments/*.yaml`` by paths relative to it.
+    """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
                "-m", "monai.bundle", "run", "--config_file", str(configs), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done.stdout
 
@@ -330,7 +334,7 @@ def _run_single_and_sharded(config: str, override: str, settings: dict, tmp_path
     with one_thread():
         wf.run()
     args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in settings.items()]
-    _torchrun([config, override], tmp_path, *args, f"--output_dir={tmp_path / 'sharded'}")
+    _torchrun([config, override], *args, f"--output_dir={tmp_path / 'sharded'}")
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +390,7 @@ def cxr_two_process_run(tiny_sd_folder, phantom, tmp_path_factory):
     root = tmp_path_factory.mktemp("cxr_ddp")
     args = [f"--pretrained={tiny_sd_folder}", f"--mimic_dir={phantom}", "--batch_size=2", "--warmup_steps=1",
             "--checkpoint_interval=1", "--tracking=mlflow"]
-    out = _torchrun([os.path.join(CXR, "train.yaml"), os.path.join(CXR, "multi_gpu_train.yaml")], root, *args,
+    out = _torchrun([os.path.join(CXR, "train.yaml"), os.path.join(CXR, "multi_gpu_train.yaml")], *args,
                     "--max_steps=2", f"--output_dir={root / 'run'}")
     return root / "run", args, out
 
@@ -426,7 +430,7 @@ def test_two_process_training_resumes_from_its_last_checkpoint(cxr_two_process_r
     # what a run killed after its checkpoint at iteration 2 leaves behind: no final checkpoint, no model folder
     os.remove(folder / "checkpoints" / "checkpoint_final_iteration.pt")
     shutil.rmtree(folder / "model")
-    out = _torchrun([os.path.join(CXR, "train.yaml"), os.path.join(CXR, "multi_gpu_train.yaml")], tmp_path, *args,
+    out = _torchrun([os.path.join(CXR, "train.yaml"), os.path.join(CXR, "multi_gpu_train.yaml")], *args,
                     "--max_steps=3", f"--output_dir={folder}")
     assert f"resumed from {folder / 'checkpoints' / 'checkpoint_iteration=2.pt'} at iteration 2" in out
     log = json.loads((folder / "train_log.json").read_text())

@@ -159,3 +159,103 @@ def test_a_finished_run_resumes_from_its_final_checkpoint_not_its_last_interval_
 
     _save(longer, tmp_path)  # an interval checkpoint later than the final one wins
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_iteration=8.pt")
+
+
+# ------------------------------------------------------------------ ResumableTrainer
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """Fixed (image, label) regression pairs addressed by TrainingBatches' (index, draw) keys."""
+
+    def __init__(self, n=10):
+        gen = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 3, generator=gen), torch.randn(n, 1, generator=gen)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, key):
+        return {"image": self.x[key[0]], "label": self.y[key[0]]}
+
+
+def _resumable(folder, steps=6, accumulation_steps=2, handlers=(), **kwargs):
+    """A tiny linear regression in a ResumableTrainer whose sampler position is part of its checkpoints."""
+    from foba_core.engines import ResumableTrainer
+    from foba_core.segment import TrainingBatches
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+    schedule = warmup_schedule(optimizer, 2, accumulation_steps=accumulation_steps)
+    sampler = TrainingBatches(10, batch_size=4, steps=steps * accumulation_steps, seed=1)
+    loader = torch.utils.data.DataLoader(_Pairs(), batch_sampler=sampler)
+    settings = dict(output_dir=str(folder), checkpoint_interval=2, progress=False, max_grad_norm=0.5,
+                    state={"network": net, "optimizer": optimizer, "lr_schedule": schedule, "sampler": sampler})
+    return ResumableTrainer(
+        device="cpu", max_steps=steps, accumulation_steps=accumulation_steps, train_data_loader=loader, network=net,
+        optimizer=optimizer, loss_function=torch.nn.MSELoss(), lr_schedule=schedule, train_handlers=list(handlers),
+        **{**settings, **kwargs})
+
+
+class _StopAt:
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=self.iteration), lambda e: e.terminate())
+
+
+def test_resumable_trainer_wires_its_handlers_in_order(tmp_path):
+    from ignite.handlers import ProgressBar
+    from monai.handlers import LrScheduleHandler, StatsHandler
+
+    from foba_core.engines import ClipGradNorm, LossLog, ResumableCheckpointSaver
+
+    extra = _StopAt(100)
+    trainer = _resumable(tmp_path, handlers=[extra], progress=True)
+    assert [type(h) for h in trainer.handlers] == [LrScheduleHandler, ClipGradNorm, StatsHandler,
+                                                   ResumableCheckpointSaver, LossLog, ProgressBar, _StopAt]
+    assert trainer.handlers[-1] is extra and trainer.state.epoch_length == 12  # 6 steps x 2 micro-batches
+    bare = _resumable(tmp_path / "bare", output_dir=None, checkpoint_dir=None, log_interval=None, max_grad_norm=None)
+    assert [type(h) for h in bare.handlers] == [LrScheduleHandler]
+    with pytest.raises(ValueError, match="state must hold the trainer's network"):
+        _resumable(tmp_path / "bad", state={"network": torch.nn.Linear(3, 1)})
+
+
+def test_resumable_trainer_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, capsys):
+    import json
+
+    full = _resumable(tmp_path / "full")
+    full.run()
+    assert full.state.iteration == 12
+
+    part = _resumable(tmp_path / "part", handlers=[_StopAt(5)])  # interrupted mid accumulation window
+    part.run()
+    assert part.state.iteration == 5
+    assert not all(torch.equal(p, q) for p, q in zip(full.network.parameters(), part.network.parameters()))
+    resumed = _resumable(tmp_path / "part")  # a new process: resumes at construction
+    assert resumed.state.iteration == 5 and "resumed from" in capsys.readouterr().out
+    resumed.run()
+    for p, q in zip(full.network.parameters(), resumed.network.parameters()):
+        assert torch.equal(p, q)
+    first = json.loads((tmp_path / "full" / "train_log.json").read_text())["losses"]
+    second = json.loads((tmp_path / "part" / "train_log.json").read_text())
+    assert second["iterations"] == 12 and second["iterations_this_run"] == 7
+    assert second["losses"] == first[5:]  # the resumed iterations saw the same batches, bit for bit
+
+
+def test_a_finished_resumable_run_is_not_restarted_and_other_lengths_are_refused(tmp_path, capsys):
+    trainer = _resumable(tmp_path)
+    trainer.run()
+    weights = [p.detach().clone() for p in trainer.network.parameters()]
+    again = _resumable(tmp_path)
+    assert again.finished
+    again.run()
+    assert again.state.iteration == 12 and "training already finished at iteration 12" in capsys.readouterr().out
+    for p, q in zip(weights, again.network.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="belong to a run of 6 steps, not 4"):
+        _resumable(tmp_path, steps=4)
+    longer = _resumable(tmp_path, steps=8)  # more steps: the finished run continues
+    longer.run()
+    assert longer.state.iteration == 16

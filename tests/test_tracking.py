@@ -27,7 +27,7 @@ def test_pretraining_logs_its_parameters_and_loss_curve_to_mlflow(tmp_path):
     small = dict(n_train=32, vae_steps=2, max_steps=5, batch_size=8, warmup_steps=1, checkpoint_interval=5)
     wf = ConfigWorkflow(config_file=PRETRAIN, workflow_type="train", tracking="mlflow", output_dir=str(tmp_path),
                         model_dir=str(tmp_path / "model"), **small,
-                        **{"train#handlers#2#iteration_log": 1})  # StatsHandler: print every iteration
+                        log_interval=1)  # StatsHandler: print every iteration
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         wf.initialize()
