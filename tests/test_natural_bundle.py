@@ -194,32 +194,31 @@ def test_recipe_command_line_values_reach_the_stage_configs_as_the_pipeline_pass
     assert parser.get_parsed_content("n_images") is None
 
 @pytest.mark.slow
-def test_stage1_and_finetuning_under_torchrun_are_reused_by_the_pipeline(tmp_path):
-    """docs/README.md "Several GPUs (torchrun)": stage 1 (training split) and fine-tuning with 2 processes, with the
-    arguments ConceptDistillation passes, into OUT/stage1_train and OUT/finetune; pipeline.yaml then reads them back."""
-    from test_distributed import TOY, _torchrun
+def test_stage1_and_finetuning_under_torchrun_are_reused_by_the_main_job(tmp_path):
+    """docs/README.md "Several GPUs": stage 1 and fine-tuning with 2 processes (the main job's files plus the
+    multi-GPU fragments); the one-process main job then skips both (same records: the fine-tuning record holds the
+    effective batch, 1 per process x 2 processes)."""
+    from test_distributed import _torchrun
     from tiny_sd import save_tiny_sd
 
     save_tiny_sd(tmp_path / "sd")
     make_cub(tmp_path / "cub")
     out = tmp_path / "runs" / "cub"
-    common = [f"--pretrained={tmp_path / 'sd'}", "--dataset=cub", f"--dataset_dir={tmp_path / 'cub'}", "--seed=0"]
-    _torchrun([os.path.join(TOY, "masks.yaml"), os.path.join(TOY, "multi_gpu_masks.yaml")], tmp_path, *common,
-              "--split=train", "--n_images=$None", "--word=bird", f"--t0={TINY['t0']}", "--dtype=float32",
-              f"--batch_size={TINY['stage1_batch_size']}", f"--output_dir={out / 'stage1_train'}")
-    stdout = _torchrun([os.path.join(TOY, "finetune.yaml"), os.path.join(TOY, "multi_gpu_finetune.yaml")], tmp_path,
-                       *common, f"--stage1={out / 'stage1_train' / 'stage1.pt'}",
-                       f"--max_steps={TINY['finetune_steps']}", f"--batch_size={TINY['finetune_batch_size'] // 2}",
-                       "--lr=0.0001", "--gradient_checkpointing=True", "--amp=False", "--amp_dtype=bfloat16",
-                       f"--output_dir={out / 'finetune'}")
-    assert "effective batch 2 = batch 1 per process x 2 process(es)" in stdout  # the pipeline's batch of 2
-    assert torch.load(out / "stage1_train" / "stage1.pt", weights_only=False)["m_pre"].shape == (2, 8, 8)
+    files = STAGES + ["configs/datasets/cub.yaml", "bundles/foba_natural/configs/pipeline.yaml"]
+    common = [f"--pretrained={tmp_path / 'sd'}", f"--dataset_dir={tmp_path / 'cub'}", f"--output_dir={out}",
+              f"--t0={TINY['t0']}", f"--stage1_batch_size={TINY['stage1_batch_size']}"]
+    _torchrun(files + ["configs/fragments/multi_gpu_stage1.yaml"], ROOT, "run_stage1", *common)
+    stdout = _torchrun(files + ["configs/fragments/multi_gpu_finetune.yaml"], ROOT, "run_finetune", *common,
+                       f"--finetune_steps={TINY['finetune_steps']}", "--finetune_batch_size=1",
+                       "--gradient_checkpointing=True")
+    assert "effective batch 2 = batch 1 per process x 2 process(es)" in stdout
+    assert torch.load(out / "stage1" / "train" / "stage1.pt", weights_only=True)["m_pre"].shape == (2, 8, 8)
     model_time = os.path.getmtime(out / "finetune" / "model" / "model_index.json")
 
-    _run(dataset="cub", dataset_dir=str(tmp_path / "cub"), pretrained=str(tmp_path / "sd"), output_dir=str(out))
-    timings = json.loads((out / "timings.json").read_text())["timings"]
-    assert "stage1_test" in timings and "stage1_train" not in timings and "finetune" not in timings  # reused
-    assert os.path.getmtime(out / "finetune" / "model" / "model_index.json") == model_time
+    printed = _run("cub", dataset_dir=str(tmp_path / "cub"), pretrained=str(tmp_path / "sd"), output_dir=str(out))
+    for name in ("images", "stage1", "finetune"):
+        assert json.loads((out / name / "stage.json").read_text())["complete"]
+    assert os.path.getmtime(out / "finetune" / "model" / "model_index.json") == model_time  # reused, not retrained
     finetuned = json.loads((out / "finetune" / "model" / "foba.json").read_text())
     assert finetuned["finetune"]["training"]["iterations"] == TINY["finetune_steps"]
     table = pd.read_csv(out / "table3.csv", keep_default_na=False)
