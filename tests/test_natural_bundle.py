@@ -210,10 +210,10 @@ def test_stage1_and_finetuning_under_torchrun_are_reused_by_the_pipeline(tmp_pat
     make_cub(tmp_path / "cub")
     out = tmp_path / "runs" / "cub"
     common = [f"--pretrained={tmp_path / 'sd'}", "--dataset=cub", f"--dataset_dir={tmp_path / 'cub'}", "--seed=0"]
-    _torchrun([os.path.join(TOY, "masks.yaml"), os.path.join(TOY, "multi_gpu_masks.yaml")], tmp_path, *common,
+    _torchrun([os.path.join(TOY, "masks.yaml"), os.path.join(TOY, "multi_gpu_masks.yaml")], *common,
               "--split=train", "--n_images=$None", "--word=bird", f"--t0={TINY['t0']}", "--dtype=float32",
               f"--batch_size={TINY['stage1_batch_size']}", f"--output_dir={out / 'stage1_train'}")
-    stdout = _torchrun([os.path.join(TOY, "finetune.yaml"), os.path.join(TOY, "multi_gpu_finetune.yaml")], tmp_path,
+    stdout = _torchrun([os.path.join(TOY, "finetune.yaml"), os.path.join(TOY, "multi_gpu_finetune.yaml")],
                        *common, f"--stage1={out / 'stage1_train' / 'stage1.pt'}",
                        f"--max_steps={TINY['finetune_steps']}", f"--batch_size={TINY['finetune_batch_size'] // 2}",
                        "--lr=0.0001", "--gradient_checkpointing=True", "--amp=False", "--amp_dtype=bfloat16",
