@@ -339,8 +339,11 @@ class ResumableTrainer(SupervisedTrainer):
         if checkpoint_dir is None and output_dir is not None:
             checkpoint_dir = os.path.join(output_dir, "checkpoints")
         self.checkpoint_dir = checkpoint_dir
-        state = dict(state) if state is not None else {"network": network, "optimizer": optimizer,
-                                                         **({} if lr_schedule is None else {"lr_schedule": lr_schedule})}
+        if state is None:
+            state = {"network": network, "optimizer": optimizer}
+            if lr_schedule is not None:
+                state["lr_schedule"] = lr_schedule
+        state = dict(state)
         for name, obj in (("network", network), ("optimizer", optimizer), ("lr_schedule", lr_schedule)):
             if obj is not None and not any(obj is s for s in state.values()):
                 raise ValueError(f"state must hold the trainer's {name} (a resumed run would not continue exactly); "
@@ -414,7 +417,7 @@ class ResumableTrainer(SupervisedTrainer):
         return bool(s.epoch_length and s.max_epochs and s.iteration >= s.epoch_length * s.max_epochs)
 
     def resume(self) -> str | None:
-        """Load the newest checkpoint of ``checkpoint_dir`` into the trainer and ``state``; return its path (None: none).
+        """Load the newest checkpoint of ``checkpoint_dir`` into the trainer and ``state``; return its path (or None).
 
         A finished run asked for more steps now continues; a checkpoint of a run of another length is refused.
         """

@@ -169,8 +169,8 @@ def segmentation_loader(data: SegmentationData, batch_size: int = 32, steps: int
 
 
 def segmentation_trainer(network: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, steps: int,
-                         device=None, handlers: list | None = None, progress: bool = True, output_dir: str | None = None,
-                         checkpoint_interval: int = 500):
+                         device=None, handlers: list | None = None, progress: bool = True,
+                         output_dir: str | None = None, checkpoint_interval: int = 500):
     """Return the resumable trainer (``engines.ResumableTrainer``) of ``steps`` iterations of sigmoid + BCE.
 
     ``loader`` yields {image, label} batches (``segmentation_loader``). ``handlers`` become extra

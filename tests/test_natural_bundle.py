@@ -207,8 +207,8 @@ def test_stage1_and_finetuning_under_torchrun_are_reused_by_the_main_job(tmp_pat
     files = STAGES + ["configs/datasets/cub.yaml", "bundles/foba_natural/configs/pipeline.yaml"]
     common = [f"--pretrained={tmp_path / 'sd'}", f"--dataset_dir={tmp_path / 'cub'}", f"--output_dir={out}",
               f"--t0={TINY['t0']}", f"--stage1_batch_size={TINY['stage1_batch_size']}"]
-    _torchrun(files + ["configs/fragments/multi_gpu_stage1.yaml"], ROOT, "run_stage1", *common)
-    stdout = _torchrun(files + ["configs/fragments/multi_gpu_finetune.yaml"], ROOT, "run_finetune", *common,
+    _torchrun(files + ["configs/fragments/multi_gpu_stage1.yaml"], "run_stage1", *common)
+    stdout = _torchrun(files + ["configs/fragments/multi_gpu_finetune.yaml"], "run_finetune", *common,
                        f"--finetune_steps={TINY['finetune_steps']}", "--finetune_batch_size=1",
                        "--gradient_checkpointing=True")
     assert "effective batch 2 = batch 1 per process x 2 process(es)" in stdout
