@@ -81,12 +81,12 @@ def sample_background_rectangle(
 
 
 def load_stage1(path: str | os.PathLike) -> dict:
-    """Return {"ids": list[str], "m_pre": (N, h, w) bool} read from a stage-1 output file (stage1.pt of masks.yaml)."""
+    """Return {"ids": list[str], "m_pre": (N, h, w) bool} read from a stage-1 output file (OUT/stage1/<split>/stage1.pt)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"stage-1 file {path} does not exist; write it with `python -m monai.bundle run --config_file "
-            "bundles/foba_toy/configs/masks.yaml --split train --output_dir <folder>` (it writes <folder>/stage1.pt)"
+            f"stage-1 file {path} does not exist; write it with stage 1: `python -m monai.bundle run run_stage1 "
+            "--config_file <the main job's list of config files> --output_dir <folder>` (configs/stages/stage1.yaml)"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "m_pre" not in state or "ids" not in state:
@@ -125,7 +125,7 @@ class FineTuneDataset(torch.utils.data.Dataset):
             raise ValueError(f"FineTuneDataset: expected M_pre of shape (N, h, w), got {tuple(m_pre.shape)}")
         if len(items) != m_pre.shape[0]:
             raise ValueError(f"FineTuneDataset: {len(items)} images but {m_pre.shape[0]} preliminary masks; "
-                             "compute M_pre on exactly these images (masks.yaml with the same split and size)")
+                             "compute M_pre on exactly these images (stage 1 with the same split and size)")
         if ids is not None and len(ids) != len(items):
             raise ValueError(f"FineTuneDataset: {len(ids)} ids for {len(items)} images")
         if isinstance(items, torch.Tensor) and object_prompt is None:

@@ -132,6 +132,9 @@ class Stage:
             with tracking.stage_run(self.name, self.uri if rank0 else None, self.experiment, self.settings) as log:
                 for work in self.work:
                     work.run() if hasattr(work, "run") else work()
+                    if getattr(work, "finished", True) is False:  # a trainer that was stopped before its end
+                        raise RuntimeError(f"stage {self.name!r} stopped before the end of its training; rerun the "
+                                           "same command to resume it from its last checkpoint")
                 log(self.metrics() if self.metrics is not None else None)
         if rank0:
             write_json({**new, "complete": True, "seconds": time.perf_counter() - start}, self.path(RECORD))

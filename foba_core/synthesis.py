@@ -20,6 +20,7 @@ from foba_core.guidance import sample_images
 from foba_core.metrics import feature_statistics, frechet_distance
 from foba_core.outputs import cached
 from foba_core.prompts import object_prompt
+from foba_core.seeds import derive_seed
 
 FID_NOT_COMPUTED = "not computed (pass --fid_network)"
 VAE_RECONSTRUCTION = "vae_reconstruction"  # fid.csv row: real images encoded and decoded by the VAE alone
@@ -32,14 +33,15 @@ def _chunks(n: int, size: int):
 def synthesise(pipe, n: int, w: float, words: list[str], seed: int, **sample_kwargs) -> tuple[torch.Tensor, list]:
     """Return ``n`` images (n, 3, H, W) synthesised with fg/bg guidance scale ``w`` and their object words.
 
-    The images are spread evenly over ``words`` (word k from seed + 1000 k); ``sample_kwargs`` go to
+    The images are spread evenly over ``words`` (word k from ``derive_seed(seed, "word", k)``); ``sample_kwargs`` go to
     ``guidance.sample_images`` (scheduler, num_inference_steps, batch_size).
     """
     per_word = [n // len(words) + (k < n % len(words)) for k in range(len(words))]
     images, labels = [], []
     for k, (word, m) in enumerate(zip(words, per_word)):
         if m:
-            images.append(sample_images(pipe, m, w, object_prompt(word), seed=seed + 1000 * k, **sample_kwargs))
+            images.append(sample_images(pipe, m, w, object_prompt(word), seed=derive_seed(seed, "word", k),
+                                        **sample_kwargs))
             labels += [word] * m
     return torch.cat(images), labels
 
@@ -48,13 +50,14 @@ def synthetic_set(pipe, n: int, words: list[str], stage1_step, refine_step, size
                   cache_dir: str, chunk_size: int = 256, **sample_kwargs) -> dict:
     """Return D'_s: {"images" (n, 3, s, s), "masks" (n, s, s)} at the U-Net's side ``size`` (Sec. 3).
 
-    Chunk [a, b) is synthesised from seed + 7 + a under y_f (w = 1); ``stage1_step`` (a ``Stage1Step``)
-    gives its M_pre, ``refine_step.masks_of`` its refined masks M (image i of the chunk from seed + a + i).
+    Chunk [a, b) is synthesised from ``derive_seed(seed, "synthetic", a)`` under y_f (w = 1); ``stage1_step`` (a
+    ``Stage1Step``) gives its M_pre, ``refine_step.masks_of`` its refined masks M (image i of the chunk: seed + a + i).
     """
     from foba_core.segment import resize_images, resize_masks
 
     def compute(start: int, stop: int) -> dict:
-        images, labels = synthesise(pipe, stop - start, 1.0, words, seed + 7 + start, **sample_kwargs)
+        images, labels = synthesise(pipe, stop - start, 1.0, words, derive_seed(seed, "synthetic", start),
+                                    **sample_kwargs)
         m_pre = []
         for s in range(0, len(images), 32):
             items = [{"image": images[k], "caption": object_prompt(labels[k]), "label": labels[k],
@@ -116,7 +119,8 @@ def guidance_rows(pipe, network, real, ws, n_samples: int, words: list[str], see
         return {**out, "features": label, paper_column: paper.get(float(w)) if w != VAE_RECONSTRUCTION else None}
 
     rows = [row(w, joined(f"w{w:g}", n_samples, lambda a, b, w=w: _features(
-        network, synthesise(pipe, b - a, w, words, seed + a, **sample_kwargs)[0], scorer))) for w in ws]
+        network, synthesise(pipe, b - a, w, words, derive_seed(seed, "samples", a), **sample_kwargs)[0], scorer)))
+        for w in ws]  # the same starting noise at every w
     # the same real images through the VAE alone: what the decoder lets any sample reach
     rows.append(row(VAE_RECONSTRUCTION, joined("vae_reconstruction", n_real, lambda a, b: _features(
         network, reconstruct(pipe, real_images(a, b)), scorer))))

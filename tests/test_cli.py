@@ -6,7 +6,9 @@ import pytest
 
 from foba_core.cli import as_flag
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "bundles")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+TOY_JOB = [f"configs/stages/{s}.yaml" for s in ("stage1", "finetune", "refine", "segment", "guidance", "report")] + [
+    "configs/datasets/toy.yaml", "bundles/foba_toy/configs/pipeline.yaml"]
 
 
 @pytest.mark.parametrize("value,expected", [(True, True), (False, False), (None, False), (1, True), (0, False),
@@ -22,15 +24,17 @@ def test_as_flag_names_the_setting_it_cannot_read(value):
         as_flag(value, "amp")
 
 
-@pytest.mark.parametrize("config,key", [("foba_toy/configs/finetune.yaml", "train#trainer#amp"),
-                                        ("foba_cxr/configs/train.yaml", "train#trainer#amp"),
-                                        ("foba_cxr/configs/evaluate.yaml", "step#fallback_all_tokens")])
-def test_configs_read_false_from_the_command_line_as_off(config, key):
+@pytest.mark.parametrize("config,key", [(TOY_JOB, "finetune#stage#settings#amp"),
+                                        (TOY_JOB, "segment#settings#flip"),
+                                        ("bundles/foba_cxr/configs/train.yaml", "train#trainer#amp"),
+                                        ("bundles/foba_cxr/configs/evaluate.yaml", "step#fallback_all_tokens")])
+def test_configs_read_false_from_the_command_line_as_off(config, key, monkeypatch):
     from monai.bundle import ConfigParser
 
+    monkeypatch.chdir(ROOT)  # configs name configs/fragments relative to the repository root
     parser = ConfigParser()
-    parser.read_config(os.path.join(CONFIGS, config))
-    setting = key.rsplit("#", 1)[1]
+    parser.read_config(config)
+    setting = {"flip": "segment_flip"}.get(key.rsplit("#", 1)[1], key.rsplit("#", 1)[1])
     for given, expected in (("false", False), ("true", True), (False, False)):
         parser[setting] = given  # what `--amp false` hands over
         parser.parse()

@@ -346,21 +346,6 @@ def tiny_sd_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.slow
-def test_sharded_stage1_bundle_writes_what_one_process_writes(tiny_sd_folder, tmp_path):
-    settings = {"pretrained": str(tiny_sd_folder), "n_images": 7, "batch_size": 3, "timesteps": [501, 1],
-                "n_overlays": 5}
-    _run_single_and_sharded(os.path.join(TOY, "masks.yaml"), os.path.join(TOY, "multi_gpu_masks.yaml"), settings,
-                            tmp_path)
-    single, sharded = torch.load(tmp_path / "single" / "stage1.pt"), torch.load(tmp_path / "sharded" / "stage1.pt")
-    assert single["ids"] == sharded["ids"] and len(single["ids"]) == 7
-    torch.testing.assert_close(sharded["heatmaps"], single["heatmaps"], rtol=0, atol=1e-6)
-    assert torch.equal(sharded["m_pre"], single["m_pre"])
-    for name in ("per_image.csv", "metrics.json"):
-        assert (tmp_path / "sharded" / name).read_text() == (tmp_path / "single" / name).read_text()
-    assert sorted(os.listdir(tmp_path / "sharded" / "overlays")) == sorted(os.listdir(tmp_path / "single" / "overlays"))
-
-
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     """A tiny phantom MIMIC-CXR-JPG tree with MS-CXR boxes (shared, read-only)."""

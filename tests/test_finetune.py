@@ -1,4 +1,4 @@
-"""Tests of stage 2: the background-rectangle sampler, the 50/50 fine-tuning mixture and the finetune.yaml trainer."""
+"""Tests of stage 2: the background-rectangle sampler, the 50/50 fine-tuning mixture and the fine-tuning stage."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch
 
 from foba_core.finetune import FineTuneDataset, StreamSampler, draws_for, load_stage1, sample_background_rectangle
 
-FINETUNE = os.path.join(os.path.dirname(__file__), "..", "bundles", "foba_toy", "configs", "finetune.yaml")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+TOY_JOB = [f"configs/stages/{s}.yaml" for s in ("stage1", "finetune", "refine", "segment", "guidance", "report")] + [
+    "configs/datasets/toy.yaml", "bundles/foba_toy/configs/pipeline.yaml"]
 Y_B = "a photo of a background"
 
 
@@ -168,7 +170,7 @@ def test_stream_sampler_continues_after_a_resume():
 
 
 def test_load_stage1_reads_masks_and_explains_a_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="masks.yaml"):
+    with pytest.raises(FileNotFoundError, match="run_stage1"):
         load_stage1(tmp_path / "stage1.pt")
     torch.save({"ids": ["a", "b"], "heatmaps": torch.rand(2, 4, 4), "m_pre": torch.rand(2, 4, 4) > 0.5},
                tmp_path / "stage1.pt")
@@ -176,56 +178,55 @@ def test_load_stage1_reads_masks_and_explains_a_missing_file(tmp_path):
     assert out["ids"] == ["a", "b"] and out["m_pre"].dtype == torch.bool and out["m_pre"].shape == (2, 4, 4)
 
 
-def _workflow(tmp_path, **overrides):
+def _workflow(tmp_path, run_id: str = "run_finetune", **overrides):
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=FINETUNE, workflow_type="train", output_dir=str(tmp_path / "run"),
-                        pretrained=str(tmp_path / "base"), stage1=str(tmp_path / "stage1.pt"), **overrides)
+    wf = ConfigWorkflow(config_file=TOY_JOB, workflow_type="train", run_id=run_id, output_dir=str(tmp_path / "run"),
+                        pretrained=str(tmp_path / "base"), splits=["train"], n_train=8, t0=2, **overrides)
     wf.initialize()
     return wf
 
 
 @pytest.mark.slow
-def test_finetune_bundle_trains_resumes_in_stream_and_saves_the_model(tmp_path):
+def test_finetune_stage_trains_resumes_in_stream_and_saves_the_model(tmp_path, monkeypatch):
     from ignite.engine import Events
     from tiny_sd import save_tiny_sd
 
     from foba_core.models import load_pipeline
-    from foba_core.toy.world import ToyWorld
-    from foba_core.transforms import resize_center_crop
 
+    monkeypatch.chdir(ROOT)  # the stage configs name configs/ relative to the repository root
     base = save_tiny_sd(tmp_path / "base", text_attention_mask=True)
-    world = ToyWorld("train", size=8, seed=0)
-    items = [world[i] for i in range(8)]
-    m_pre = torch.stack([resize_center_crop(it["mask"], 8, is_mask=True) for it in items])  # (8, 8, 8)
-    torch.save({"ids": [it["id"] for it in items], "heatmaps": m_pre.float(), "m_pre": m_pre}, tmp_path / "stage1.pt")
+    _workflow(tmp_path, run_id="run_stage1").run()  # the images and M_pre of the training split
 
-    small = dict(max_steps=6, batch_size=4, checkpoint_interval=2, warmup_steps=1, lr=1e-3)
+    small = dict(finetune_steps=6, finetune_batch_size=4, checkpoint_interval=2, finetune_warmup_steps=1,
+                 finetune_lr=1e-3)
     wf = _workflow(tmp_path, **small)
     trainer = wf.parser.get_parsed_content("train#trainer")
     seen_first = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen_first.append(list(e.state.batch["id"])))
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: e.terminate())  # an interruption
-    wf.run()
-    assert trainer.state.iteration == 4
+    with pytest.raises(RuntimeError, match="stopped before the end of its training"):
+        wf.run()
+    assert trainer.state.iteration == 4 and not (tmp_path / "run" / "finetune" / "model").exists()
 
     wf = _workflow(tmp_path, **small)  # a new process would do exactly this
     trainer = wf.parser.get_parsed_content("train#trainer")
     seen_second = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen_second.append(list(e.state.batch["id"])))
     wf.run()
-    wf.finalize()
     assert trainer.state.iteration == 6 and len(seen_second) == 2
     dataset = wf.parser.get_parsed_content("train#dataset")
     stream = [dataset[k]["id"] for k in range(24)]
     assert sum(seen_first + seen_second, []) == stream  # the resumed run continued the data stream
-    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    out = tmp_path / "run" / "finetune"
+    log = json.loads((out / "train_log.json").read_text())
     assert log["iterations"] == 6 and all(math.isfinite(x) for x in log["losses"])
+    assert json.loads((out / "stage.json").read_text())["complete"]
 
-    tuned = load_pipeline(str(tmp_path / "run" / "model"))
+    tuned = load_pipeline(str(out / "model"))
     assert tuned.text_attention_mask is True
     changed = [not torch.equal(p, q) for p, q in zip(base.unet.parameters(), tuned.unet.parameters())]
     assert any(changed)
     assert all(torch.equal(p, q) for p, q in zip(base.vae.parameters(), tuned.vae.parameters()))  # VAE frozen
-    foba = json.loads((tmp_path / "run" / "model" / "foba.json").read_text())
+    foba = json.loads((out / "model" / "foba.json").read_text())
     assert foba["finetune"]["training"]["iterations"] == 6 and foba["finetune"]["stage1"].endswith("stage1.pt")

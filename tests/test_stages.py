@@ -134,7 +134,7 @@ def test_stage1_sharded_over_two_processes_writes_what_one_process_writes(tmp_pa
     with one_thread():
         wf.run()
     args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in settings.items()]
-    _torchrun(files + ["configs/fragments/multi_gpu_stage1.yaml"], ROOT, "run_stage1", *args,
+    _torchrun(files + ["configs/fragments/multi_gpu_stage1.yaml"], "run_stage1", *args,
               f"--output_dir={tmp_path / 'sharded'}")
     single, sharded = (tmp_path / "single" / "stage1" / "test", tmp_path / "sharded" / "stage1" / "test")
     a, b = torch.load(single / "stage1.pt", weights_only=True), torch.load(sharded / "stage1.pt", weights_only=True)

@@ -10,8 +10,9 @@ from monai.bundle import ConfigParser
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAGMENTS = os.path.join(ROOT, "configs", "fragments")
 TOY, CXR = (os.path.join(ROOT, "bundles", name, "configs") for name in ("foba_toy", "foba_cxr"))
-PRETRAIN, FINETUNE, CXR_TRAIN = (os.path.join(TOY, "pretrain.yaml"), os.path.join(TOY, "finetune.yaml"),
-                                 os.path.join(CXR, "train.yaml"))
+PRETRAIN, CXR_TRAIN = os.path.join(TOY, "pretrain.yaml"), os.path.join(CXR, "train.yaml")
+FINETUNE = [f"configs/stages/{s}.yaml" for s in ("stage1", "finetune", "refine", "segment", "guidance", "report")] + [
+    "configs/datasets/toy.yaml", "bundles/foba_toy/configs/pipeline.yaml"]  # the main job, whose training it is
 WIRING = ("prepare_batch", "optimizer", "lr_schedule", "trainer")
 OWN_HANDLERS = ["LrScheduleHandler", "ClipGradNorm", "StatsHandler", "ResumableCheckpointSaver", "LossLog",
                 "ProgressBar"]
@@ -19,7 +20,7 @@ OWN_HANDLERS = ["LrScheduleHandler", "ClipGradNorm", "StatsHandler", "ResumableC
 
 def _parser(*files, **overrides) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config(list(files))
+    parser.read_config([f for x in files for f in (x if isinstance(x, list) else [x])])
     parser.update(overrides)
     return parser
 
@@ -53,7 +54,7 @@ def test_each_training_config_copies_the_fragment_and_gives_every_key_it_needs(c
     assert needed <= given, sorted(needed - given)
 
 
-@pytest.mark.parametrize("base, override", [(FINETUNE, os.path.join(TOY, "multi_gpu_finetune.yaml")),
+@pytest.mark.parametrize("base, override", [(FINETUNE, os.path.join(FRAGMENTS, "multi_gpu_finetune.yaml")),
                                             (CXR_TRAIN, os.path.join(CXR, "multi_gpu_train.yaml"))])
 def test_the_multi_gpu_overrides_share_one_ddp_fragment(base, override, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -63,7 +64,7 @@ def test_the_multi_gpu_overrides_share_one_ddp_fragment(base, override, monkeypa
         parser.resolve_macro_and_relative_ids()
     assert multi["device"] == fragment["device"]
     assert multi["initialize"][0] == fragment["initialize"][0]  # joins the group, seeds with the rank seed
-    assert multi["initialize"][1:] == single["initialize"][1:]  # the base config's own steps stay
+    assert multi["initialize"][1:] == single.get("initialize", [])[1:]  # the base config's own steps stay
     assert multi["train#trainer"] == single["train#trainer"]  # DDP, rank-0 handlers, resume: the trainer's
 
 
@@ -95,6 +96,7 @@ def _check(parser, trainer, accumulation_steps=1):
 def test_the_three_configs_build_the_resumable_trainer(tmp_path, monkeypatch):
     from tiny_sd import save_tiny_sd
 
+    from foba_core.splits import cache_split
     from foba_core.toy.world import ToyWorld
     from foba_core.transforms import resize_center_crop
     from foba_med.phantom import write_phantom_mimic
@@ -108,9 +110,13 @@ def test_the_three_configs_build_the_resumable_trainer(tmp_path, monkeypatch):
     world = ToyWorld("train", size=4, seed=0)
     items = [world[i] for i in range(4)]
     m_pre = torch.stack([resize_center_crop(it["mask"], 8, is_mask=True) for it in items])
-    torch.save({"ids": [it["id"] for it in items], "heatmaps": m_pre.float(), "m_pre": m_pre}, tmp_path / "stage1.pt")
-    parser, trainer = _trainer(FINETUNE, pretrained=str(tmp_path / "sd"), stage1=str(tmp_path / "stage1.pt"),
-                               max_steps=2, batch_size=2, output_dir=str(tmp_path / "finetune"))
+    out = tmp_path / "finetune"  # what the images and stage-1 stages leave for the fine-tuning stage
+    cache_split(items, str(out / "images" / "train"), size=16)
+    (out / "stage1" / "train").mkdir(parents=True)
+    torch.save({"ids": [it["id"] for it in items], "heatmaps": m_pre.float(), "m_pre": m_pre},
+               out / "stage1" / "train" / "stage1.pt")
+    parser, trainer = _trainer(FINETUNE, pretrained=str(tmp_path / "sd"), finetune_steps=2, finetune_batch_size=2,
+                               output_dir=str(out))
     _check(parser, trainer)
 
     mimic = write_phantom_mimic(tmp_path / "mimic", n_subjects=16, seed=5, size=32)
