@@ -1,9 +1,9 @@
 """Loading the latent diffusion model (LDM) that the concepts are distilled from, offline.
 
-``load_pipeline`` accepts a local diffusers folder in the Stable Diffusion 1.x/2.x layout, one
-``.ckpt`` / ``.safetensors`` file in the original CompVis/Stability layout, or the preset ``"toy"``
-(the tiny LDM shipped with the ``foba_toy`` bundle). Nothing is ever downloaded: every diffusers
-call gets ``local_files_only=True``, and the safety checker is never loaded.
+``load_pipeline`` accepts a local diffusers folder in the Stable Diffusion 1.x/2.x layout (the toy LDM
+is one: the configs that use it name its folder) or one ``.ckpt`` / ``.safetensors`` file in the original
+CompVis/Stability layout. Nothing is ever downloaded: every diffusers call gets ``local_files_only=True``,
+and the safety checker is never loaded.
 
 A model folder may hold a ``foba.json`` next to ``model_index.json``; its ``text_attention_mask``
 says whether the U-Net was trained to ignore EOS and padding tokens (the toy LDM is, real Stable
@@ -23,9 +23,6 @@ import torch
 
 from foba_core.diffusion import encode_text
 
-TOY_PRESET = "toy"
-TOY_ENV = "FOBA_TOY_MODEL"
-TOY_CREATE = "python -m monai.bundle run --config_file bundles/foba_toy/configs/pretrain.yaml"
 FOBA_JSON = "foba.json"
 # What a diffusers SD folder must hold; safety_checker/ and feature_extractor/ are never needed.
 FOLDER_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -37,32 +34,20 @@ CONFIG_HINT = ("pass config=<a local diffusers SD folder with the same architect
                "from which the component configs, tokenizer and scheduler are read")
 
 
-def toy_model_path() -> Path:
-    """Return the folder of the toy LDM: $FOBA_TOY_MODEL, else <repo>/bundles/foba_toy/models/toy_ldm."""
-    env = os.environ.get(TOY_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "bundles" / "foba_toy" / "models" / "toy_ldm"
-
-
 def load_pipeline(source, *, config=None, original_config=None, torch_dtype: torch.dtype = torch.float32,
                   device="cpu"):
-    """Return the StableDiffusionPipeline of ``source`` (SD folder, single checkpoint file or "toy"), offline.
+    """Return the StableDiffusionPipeline of ``source`` (a diffusers SD folder or a single checkpoint file), offline.
 
     The pipeline gets two attributes: ``text_attention_mask`` (bool, from ``foba.json``; False when
     absent) and ``foba_source`` (the resolved path it was loaded from). For a single file,
     ``config`` is a local diffusers folder to take the component configs from, ``original_config``
     the original LDM yaml (U-Net and VAE architecture); ``foba.json`` is read from ``config``.
-    The string "toy" always means the preset; pass "./toy" for a folder of that name.
     """
     if isinstance(torch_dtype, str):  # config files may name the dtype: "float16", "bfloat16", ...
         torch_dtype = getattr(torch, torch_dtype, torch_dtype)
     if not isinstance(torch_dtype, torch.dtype):
         raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")
-    if isinstance(source, str) and source == TOY_PRESET:
-        path = _toy_folder()
-    else:
-        path = Path(source).expanduser()
+    path = Path(source).expanduser()
     if path.is_dir() and (config is not None or original_config is not None):
         raise ValueError(f"{path} is a diffusers folder, which carries its own configs; config and original_config "
                          "apply to single checkpoint files only")
@@ -74,25 +59,14 @@ def load_pipeline(source, *, config=None, original_config=None, torch_dtype: tor
         settings = read_foba_json(Path(config)) if config is not None else {}
     else:
         raise FileNotFoundError(
-            f"model source {str(source)!r} not found: expected a local diffusers SD folder, a "
-            f"{'/'.join(SINGLE_FILE_SUFFIXES)} file or the preset {TOY_PRESET!r} (nothing is downloaded)"
+            f"model source {str(source)!r} not found: expected a local diffusers SD folder or a "
+            f"{'/'.join(SINGLE_FILE_SUFFIXES)} file (nothing is downloaded)"
         )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.text_attention_mask = settings.get("text_attention_mask", False)
     pipe.foba_source = str(path.resolve())
     return pipe
-
-
-def _toy_folder() -> Path:
-    path = toy_model_path()
-    if not path.is_dir():
-        origin = f"${TOY_ENV}" if os.environ.get(TOY_ENV) else "the default location"
-        raise FileNotFoundError(
-            f"toy LDM folder {path} (from {origin}) does not exist; create it with `{TOY_CREATE}` "
-            f"from the repository root, or set {TOY_ENV} to a saved toy model folder"
-        )
-    return path
 
 
 def _missing(folder: Path, parts) -> list[str]:

@@ -44,11 +44,11 @@ TRAIN_COMMAND = "python -m monai.bundle run --config_file bundles/foba_cxr/confi
 
 
 def load_model(model_dir: str, torch_dtype=torch.float32, device="cpu"):
-    """Return the report-conditioned LDM of ``model_dir`` ("toy": the toy LDM before CXR fine-tuning)."""
-    if model_dir != "toy" and not Path(model_dir).expanduser().exists():
+    """Return the report-conditioned LDM of ``model_dir`` (a diffusers folder: fine-tuned, or any base model)."""
+    if not Path(model_dir).expanduser().exists():
         raise FileNotFoundError(f"fine-tuned model {model_dir} not found; train it first with `{TRAIN_COMMAND}`, or "
-                                "pass --model_dir <a diffusers SD folder> (--model_dir toy: the toy LDM before CXR "
-                                "fine-tuning)")
+                                "pass --model_dir <a diffusers SD folder> (e.g. bundles/foba_toy/models/toy_ldm: the "
+                                "toy LDM before CXR fine-tuning)")
     return load_pipeline(model_dir, torch_dtype=torch_dtype, device=device)
 
 

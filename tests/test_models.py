@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from foba_core.models import TOY_ENV, encode_prompts, load_pipeline, save_pipeline
+from foba_core.models import encode_prompts, load_pipeline, save_pipeline
 from tiny_sd import (save_original_checkpoint, save_original_config, save_tiny_sd, tiny_pipeline,
                      tiny_tokenizer)
 
@@ -113,19 +113,21 @@ def test_single_file_with_original_yaml(saved, tmp_path):
     assert str(file) in str(err.value)
 
 
-def test_toy_preset_and_foba_json(tmp_path, monkeypatch):
+def test_foba_json_of_a_folder_and_of_a_single_files_config(tmp_path):
     toy = tmp_path / "toy_ldm"
     save_tiny_sd(toy, seed=3, text_attention_mask=True)
     assert json.loads((toy / "foba.json").read_text())["text_attention_mask"] is True
-    monkeypatch.setenv(TOY_ENV, str(toy))
-    pipe = load_pipeline("toy")
+    pipe = load_pipeline(toy)
     assert pipe.text_attention_mask is True and pipe.foba_source == str(toy.resolve())
     # a single file takes foba.json from its config folder
     assert load_pipeline(save_original_checkpoint(pipe, tmp_path / "toy.ckpt"), config=toy).text_attention_mask
-    monkeypatch.setenv(TOY_ENV, str(tmp_path / "absent"))
-    with pytest.raises(FileNotFoundError, match="pretrain.yaml") as err:
-        load_pipeline("toy")
-    assert str(tmp_path / "absent") in str(err.value) and TOY_ENV in str(err.value)
+    with pytest.raises(FileNotFoundError, match="not found: expected a local diffusers SD folder"):
+        load_pipeline("toy")  # no preset: a name that is not a folder or file is an error
+
+
+def test_the_shipped_toy_ldm_loads_from_its_folder():
+    pipe = load_pipeline(os.path.join(os.path.dirname(__file__), "..", "bundles", "foba_toy", "models", "toy_ldm"))
+    assert pipe.text_attention_mask is True and pipe.unet.config.sample_size == 16
 
 
 def test_bad_foba_json_names_the_file(saved, tmp_path):
@@ -190,7 +192,7 @@ def test_save_pipeline_replaces_atomically(saved, tmp_path):
 def test_errors_name_the_path(saved, tmp_path):
     folder, pipe = saved
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match="toy") as err:
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded") as err:
         load_pipeline(missing)
     assert str(missing) in str(err.value)
 
