@@ -2,8 +2,8 @@
 
 :class:`ResumableTrainer` is MONAI's ``SupervisedTrainer`` with the wiring every foba training shares: it steps
 the learning-rate schedule, clips the gradient before each optimiser step (:class:`ClipGradNorm`), logs the loss
-(StatsHandler, :class:`LossLog`, an ignite ProgressBar), keeps the newest checkpoints
-(:class:`ResumableCheckpointSaver`), resumes from them (:func:`resume`) and does not start a finished run over.
+(StatsHandler, :class:`LossLog`, an ignite ProgressBar), keeps the newest checkpoints and resumes from them
+(``foba_core.checkpoints``) and does not start a finished run over.
 The pieces stay usable alone: warm-up schedule (:func:`warmup_schedule`), loss for StatsHandler and MLflow
 (:func:`loss_value`, :func:`configure_tracking`).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Sequence
 
@@ -21,98 +20,12 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.handlers import CheckpointSaver, LrScheduleHandler, StatsHandler
+from monai.handlers import LrScheduleHandler, StatsHandler
 from monai.utils import look_up_option
 
+from foba_core.checkpoints import ResumableCheckpointSaver, resume
+
 log = logging.getLogger(__name__)
-
-
-CHECKPOINT_NAME = re.compile(r"_(iteration|epoch)=(\d+)\.pt$")  # MONAI CheckpointSaver's interval checkpoints
-
-
-def numbered_checkpoints(checkpoint_dir: str, level: str | None = None) -> dict[str, int]:
-    """Return {file name: step} of the interval checkpoints in ``checkpoint_dir`` ("..._iteration=N.pt").
-
-    ``level`` ("iteration" or "epoch") keeps only the checkpoints numbered by that unit.
-    """
-    if not os.path.isdir(checkpoint_dir):
-        return {}
-    found = {}
-    for name in os.listdir(checkpoint_dir):
-        m = CHECKPOINT_NAME.search(name)
-        if m and level in (None, m.group(1)):
-            found[name] = int(m.group(2))
-    return found
-
-
-def _load_checkpoint(path: str, mmap: bool = False):
-    """Return a checkpoint's contents (with ``mmap``, tensors stay on disk until used); name the file if it is unreadable."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as err:  # a truncated or foreign file: say which
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}. Delete it to restart from the previous one.") from err
-
-
-def _trainer_iteration(path: str) -> int | None:
-    """Return the trainer iteration stored in a checkpoint, reading only that entry."""
-    state = _load_checkpoint(path, mmap=True)
-    trainer = state.get("trainer") if isinstance(state, dict) else None
-    return int(trainer["iteration"]) if isinstance(trainer, dict) and "iteration" in trainer else None
-
-
-def latest_checkpoint(checkpoint_dir: str) -> str | None:
-    """Return the checkpoint of ``checkpoint_dir`` that is furthest into training (MONAI CheckpointSaver names), or None.
-
-    A finished or interrupted run has both its last interval checkpoint and ``checkpoint_final_iteration.pt``
-    (MONAI's ``save_final`` writes it on completion and on an exception), which is later unless the run stopped
-    right at an interval; the iterations stored in the two decide (the final one on a tie).
-    """
-    found = numbered_checkpoints(checkpoint_dir)
-    final = os.path.join(checkpoint_dir, "checkpoint_final_iteration.pt")
-    numbered = os.path.join(checkpoint_dir, max(found, key=found.get)) if found else None
-    if not os.path.exists(final):
-        return numbered
-    if numbered is None:
-        return final
-    final_iteration, numbered_iteration = _trainer_iteration(final), _trainer_iteration(numbered)
-    if final_iteration is None or numbered_iteration is None:
-        return numbered
-    return final if final_iteration >= numbered_iteration else numbered
-
-
-def resume(checkpoint_dir: str, objects: dict, optional: Sequence[str] = ()) -> str | None:
-    """Load the latest checkpoint of ``checkpoint_dir`` into ``objects`` (engine, networks, optimisers); return its path.
-
-    The ``optional`` names may be missing from the checkpoint (older checkpoints, or state that was empty then).
-    """
-    from ignite.handlers import Checkpoint
-
-    path = latest_checkpoint(checkpoint_dir)
-    if path is None:
-        return None
-    state = _load_checkpoint(path)
-    objects = {k: v for k, v in objects.items() if k in state or k not in optional}
-    engines = [obj for obj in objects.values() if isinstance(obj, Engine)]
-    wanted = [(e.state.max_epochs, e.state.epoch_length) for e in engines]
-    Checkpoint.load_objects(to_load=objects, checkpoint=state)
-    for engine, (max_epochs, epoch_length) in zip(engines, wanted):
-        _extend(engine, max_epochs, epoch_length)
-    log.info("resumed from %s", path)
-    print(f"resumed from {path} at iteration {engines[0].state.iteration if engines else '?'}", flush=True)
-    return path
-
-
-def _extend(engine: Engine, max_epochs: int | None, epoch_length: int | None) -> None:
-    """Let a finished run continue when more iterations are asked for now (a larger max_steps) than it had then.
-
-    ignite would otherwise start a finished run over from iteration 0.
-    """
-    s = engine.state
-    if not (max_epochs and epoch_length and s.epoch_length):
-        return
-    if s.iteration >= s.epoch_length * s.max_epochs and epoch_length * max_epochs > s.iteration:
-        s.max_epochs, s.epoch_length = max_epochs, epoch_length
-        s.epoch = s.iteration // epoch_length
 
 
 def optimizer_steps_now(engine: Engine) -> bool:
@@ -238,47 +151,6 @@ class LossLog:
         os.replace(tmp, self.path)
 
 
-def prune_checkpoints(checkpoint_dir: str, n_saved: int | None, level: str = "iteration", current=()) -> list[str]:
-    """Delete all but the newest ``n_saved`` interval checkpoints of ``level`` in ``checkpoint_dir``; return them.
-
-    Newest: the files named in ``current`` (the ones this process wrote), then the highest step. The
-    final checkpoint and checkpoints of other names are kept; ``n_saved=None`` keeps everything.
-    """
-    if n_saved is None:
-        return []
-    found = numbered_checkpoints(checkpoint_dir, level)
-    ranked = sorted(found, key=lambda name: (name in current, found[name]), reverse=True)
-    for name in ranked[n_saved:]:
-        os.remove(os.path.join(checkpoint_dir, name))
-    return ranked[n_saved:]
-
-
-class ResumableCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` whose checkpoints also hold the engine it is attached to, for :func:`resume`.
-
-    A config cannot list the trainer in the ``save_dict`` of one of the trainer's own handlers (a
-    circular reference); the engine is added under ``engine_key`` when the handler is attached. After
-    each interval save only the newest ``n_saved`` interval checkpoints stay in ``save_dir``, those of
-    an earlier (interrupted) run included: ignite's ``Checkpoint`` only counts the files it wrote itself.
-    """
-
-    def __init__(self, save_dir: str, save_dict: dict, engine_key: str = "trainer", **kwargs):
-        super().__init__(save_dir=save_dir, save_dict=dict(save_dict), **kwargs)
-        self.engine_key = engine_key
-        self.written: set[str] = set()
-
-    def attach(self, engine: Engine) -> None:
-        self.save_dict[self.engine_key] = engine  # ignite's Checkpoint keeps a reference to this dict
-        super().attach(engine)
-
-    def interval_completed(self, engine: Engine) -> None:
-        super().interval_completed(engine)
-        checkpoint = self._interval_checkpoint
-        self.written.add(os.path.basename(checkpoint.last_checkpoint))
-        prune_checkpoints(self.save_dir, checkpoint.n_saved, "epoch" if self.epoch_level else "iteration",
-                          self.written)
-
-
 class AccumulatedGradients:
     """Checkpoint state of the gradients summed so far in an unfinished accumulation window (empty between windows).
 
@@ -296,6 +168,20 @@ class AccumulatedGradients:
     def load_state_dict(self, state: dict) -> None:
         for p, grad in zip(self.parameters, state.get("grads", ())):
             p.grad = None if grad is None else grad.to(p.device)
+
+
+def _checked_state(state: dict | None, network, optimizer, lr_schedule) -> dict:
+    """Return the objects a trainer checkpoints (default: network, optimiser, schedule), checked to hold those three."""
+    if state is None:
+        state = {"network": network, "optimizer": optimizer}
+        if lr_schedule is not None:
+            state["lr_schedule"] = lr_schedule
+    state = dict(state)
+    for name, obj in (("network", network), ("optimizer", optimizer), ("lr_schedule", lr_schedule)):
+        if obj is not None and not any(obj is s for s in state.values()):
+            raise ValueError(f"state must hold the trainer's {name} (a resumed run would not continue exactly); "
+                             f"it names {sorted(state)}")
+    return state
 
 
 class ResumableTrainer(SupervisedTrainer):
@@ -339,15 +225,7 @@ class ResumableTrainer(SupervisedTrainer):
         if checkpoint_dir is None and output_dir is not None:
             checkpoint_dir = os.path.join(output_dir, "checkpoints")
         self.checkpoint_dir = checkpoint_dir
-        if state is None:
-            state = {"network": network, "optimizer": optimizer}
-            if lr_schedule is not None:
-                state["lr_schedule"] = lr_schedule
-        state = dict(state)
-        for name, obj in (("network", network), ("optimizer", optimizer), ("lr_schedule", lr_schedule)):
-            if obj is not None and not any(obj is s for s in state.values()):
-                raise ValueError(f"state must hold the trainer's {name} (a resumed run would not continue exactly); "
-                                 f"it names {sorted(state)}")
+        state = _checked_state(state, network, optimizer, lr_schedule)
         if gradient_checkpointing:
             if not hasattr(network, "enable_gradient_checkpointing"):
                 raise ValueError(f"gradient_checkpointing: {type(network).__name__} has no "
@@ -359,23 +237,8 @@ class ResumableTrainer(SupervisedTrainer):
             handlers.append(LrScheduleHandler(lr_schedule, print_lr=False, epoch_level=False))
         if max_grad_norm is not None:
             handlers.append(ClipGradNorm(network.parameters(), max_grad_norm))
-        writers: list = []  # built on every rank (ignite's Checkpoint makes a collective call), attached on rank 0
-        if log_interval:
-            every = int(log_interval)
-            writers.append(StatsHandler(tag_name="train_loss", output_transform=loss_value,
-                                        iteration_log=lambda engine, iteration: iteration % every == 0))
-        if checkpoint_dir is not None:
-            writers.append(ResumableCheckpointSaver(
-                save_dir=checkpoint_dir, save_dict=state, save_interval=int(checkpoint_interval) * acc,
-                epoch_level=False, save_final=True, final_filename="checkpoint_final_iteration.pt",
-                n_saved=keep_checkpoints))
-        if output_dir is not None:
-            writers.append(LossLog(os.path.join(output_dir, "train_log.json")))
-        if progress:
-            from ignite.handlers import ProgressBar
-
-            writers.append(ProgressBar(persist=True))
-        writers += list(train_handlers or [])
+        writers = self._writers(state, log_interval, checkpoint_dir, int(checkpoint_interval) * acc, keep_checkpoints,
+                                output_dir, progress, train_handlers)
         if tracking_params is not None:
             configure_tracking(writers, tracking_params)
         if not distributed or dist_helpers.is_rank0():
@@ -393,22 +256,51 @@ class ResumableTrainer(SupervisedTrainer):
                          amp_kwargs=None if amp_dtype is None else {"dtype": amp_dtype},
                          accumulation_steps=acc, decollate=decollate, **kwargs)
         self.handlers = tuple(handlers)  # what this trainer attached, in order (train_handlers last)
-        extra_state = {}  # optional on a resume: checkpoints written without them stay loadable
-        if acc > 1 and not distributed:  # (DDP ranks accumulate local gradients: only rank 0's would be saved)
-            extra_state["gradients"] = AccumulatedGradients(self, network.parameters())
-        if self.scaler is not None:
-            extra_state["scaler"] = self.scaler  # the AMP loss scale
-        self._optional_state = tuple(extra_state)
-        for saver in self.handlers:
-            if isinstance(saver, ResumableCheckpointSaver):
-                saver.save_dict.update(extra_state)  # ignite's Checkpoint reads this very dict
-        self.state_objects = {**state, **extra_state}
+        self.state_objects = {**state, **self._extra_state(network, acc, distributed)}
         batch = getattr(train_data_loader, "batch_size", None) or getattr(
             getattr(train_data_loader, "batch_sampler", None), "batch_size", None)
         if batch:
             dist_helpers.effective_batch(batch, acc)
         if resume:
             self.resume()
+
+    def _extra_state(self, network: torch.nn.Module, acc: int, distributed: bool) -> dict:
+        """Return the state checkpointed beside ``state`` when there is any (partial gradients, the AMP loss scale);
+        it is optional on a resume, so checkpoints written without it stay loadable."""
+        extra = {}
+        if acc > 1 and not distributed:  # (DDP ranks accumulate local gradients: only rank 0's would be saved)
+            extra["gradients"] = AccumulatedGradients(self, network.parameters())
+        if self.scaler is not None:
+            extra["scaler"] = self.scaler  # the AMP loss scale
+        self._optional_state = tuple(extra)
+        for saver in self.handlers:
+            if isinstance(saver, ResumableCheckpointSaver):
+                saver.save_dict.update(extra)  # ignite's Checkpoint reads this very dict
+        return extra
+
+    @staticmethod
+    def _writers(state: dict, log_interval, checkpoint_dir, save_interval: int, keep_checkpoints: int, output_dir,
+                 progress: bool, train_handlers) -> list:
+        """Return the handlers that print or write: statistics, checkpoints, the loss log, a progress bar, extras.
+
+        They are built on every rank (ignite's Checkpoint makes a collective call) and attached on rank 0.
+        """
+        writers: list = []
+        if log_interval:
+            every = int(log_interval)
+            writers.append(StatsHandler(tag_name="train_loss", output_transform=loss_value,
+                                        iteration_log=lambda engine, iteration: iteration % every == 0))
+        if checkpoint_dir is not None:
+            writers.append(ResumableCheckpointSaver(
+                save_dir=checkpoint_dir, save_dict=state, save_interval=int(save_interval), epoch_level=False,
+                save_final=True, final_filename="checkpoint_final_iteration.pt", n_saved=keep_checkpoints))
+        if output_dir is not None:
+            writers.append(LossLog(os.path.join(output_dir, "train_log.json")))
+        if progress:
+            from ignite.handlers import ProgressBar
+
+            writers.append(ProgressBar(persist=True))
+        return writers + list(train_handlers or [])
 
     @property
     def finished(self) -> bool:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 
-import torch
 
 from foba_core.io import atomic_write, write_csv, write_json
 from foba_core.masks import upsample_mask

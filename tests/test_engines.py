@@ -8,7 +8,8 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from foba_core.engines import latest_checkpoint, resume, warmup_schedule
+from foba_core.checkpoints import latest_checkpoint, resume
+from foba_core.engines import warmup_schedule
 
 
 def _engine(steps, seen):
@@ -48,7 +49,7 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path):
 
 def _run_with_saver(folder, steps, stop, n_saved=2):
     """Resume from ``folder`` and run ``steps`` iterations, a checkpoint every 2, interrupted after ``stop``."""
-    from foba_core.engines import ResumableCheckpointSaver
+    from foba_core.checkpoints import ResumableCheckpointSaver
 
     engine, net = _engine(steps, []), torch.nn.Linear(1, 1)
     resume(str(folder), {"trainer": engine, "net": net})
@@ -68,7 +69,7 @@ def test_checkpoint_saver_keeps_the_newest_n_saved_across_resumes(tmp_path):
 
 
 def test_checkpoint_saver_prefers_its_own_checkpoints_to_stale_ones(tmp_path):
-    from foba_core.engines import ResumableCheckpointSaver
+    from foba_core.checkpoints import ResumableCheckpointSaver
 
     stale = tmp_path / "stale"
     stale.mkdir()
@@ -209,7 +210,8 @@ def test_resumable_trainer_wires_its_handlers_in_order(tmp_path):
     from ignite.handlers import ProgressBar
     from monai.handlers import LrScheduleHandler, StatsHandler
 
-    from foba_core.engines import ClipGradNorm, LossLog, ResumableCheckpointSaver
+    from foba_core.checkpoints import ResumableCheckpointSaver
+    from foba_core.engines import ClipGradNorm, LossLog
 
     extra = _StopAt(100)
     trainer = _resumable(tmp_path, handlers=[extra], progress=True)

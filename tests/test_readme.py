@@ -16,8 +16,12 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_command():
     install_and_run, install_and_test = commands
     assert "pip install torch==2.13.0" in install_and_run and "monai.bundle run" in install_and_run
     assert "pip install torch==2.13.0" in install_and_test and "pytest" in install_and_test
-    config = install_and_run.split("--config_file", 1)[1].split()[0]
-    assert (ROOT / config).is_file()
+    import ast
+    import shlex
+
+    words = shlex.split(install_and_run)
+    configs = ast.literal_eval(words[words.index("--config_file") + 1])  # MONAI's list of config files
+    assert configs[-1] == "bundles/foba_toy/configs/pipeline.yaml" and all((ROOT / c).is_file() for c in configs)
     printed = subprocess.run([sys.executable, str(ROOT / ".ci" / "quickstart.py"), "test"], capture_output=True,
                              text=True, check=True).stdout.strip()
     assert printed == install_and_test
