@@ -7,7 +7,7 @@ stays a plain text-to-image U-Net (no extra mask channels), as in the authors' c
 
 The trainer is ``foba_core.engines.ResumableTrainer`` (MONAI's ``SupervisedTrainer``) with
 ``foba_core.diffusion.DiffusionBatch`` as its ``prepare_batch`` (it reads each item's ``loss_mask``), wired once
-in ``configs/fragments/diffusion_trainer.yaml``; ``bundles/foba_toy/configs/finetune.yaml`` feeds it
+in ``configs/fragments/diffusion_trainer.yaml``; ``configs/stages/finetune.yaml`` feeds it
 ``FineTuneDataset`` + ``StreamSampler``.
 """
 

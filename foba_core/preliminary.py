@@ -3,7 +3,7 @@
 Runs as a MONAI ``Evaluator``: ``Stage1Step`` is its ``iteration_update`` (one batch of items ->
 heat maps and masks) and ``Stage1Writer`` a handler that scores, draws and writes the results, so
 progress bars and MLflow tracking come from the usual MONAI/ignite machinery. Under torchrun
-(``bundles/foba_toy/configs/multi_gpu_masks.yaml``) each process takes a contiguous shard of the images
+(``configs/fragments/multi_gpu_stage1.yaml``) each process takes a contiguous shard of the images
 and rank 0 gathers the results (``foba_core.distributed``).
 """
 
@@ -86,7 +86,7 @@ class Stage1Writer:
     :func:`stage1_metrics`) and PNG overlays (image | M̂ | M_pre | ground truth) of the first
     ``n_overlays`` images into ``output_dir/<split>`` for each split the items come from (their ``split``
     key; items without one go to ``output_dir`` itself); sets ``engine.state.metrics``. In a torchrun run
-    (``multi_gpu_masks.yaml``) every process scores its shard and rank 0 gathers the per-image results in
+    (``multi_gpu_stage1.yaml``) every process scores its shard and rank 0 gathers the per-image results in
     dataset order and writes them: the same files as a single-process run.
     """
 

@@ -188,7 +188,7 @@ def test_recipe_command_line_values_reach_the_stage_configs_as_the_pipeline_pass
 
     assert DefaultParseValue("True") is True and DefaultParseValue("False") is False
     assert DefaultParseValue("false") == "false" and DefaultParseValue("null") == "null"
-    assert "n_images" not in update_kwargs(n_images=DefaultParseValue("None"))  # masks.yaml's 256 would apply
+    assert "n_images" not in update_kwargs(n_images=DefaultParseValue("None"))  # the config's default would apply
     parser = ConfigParser({"n_images": 256})
     parser.update(update_kwargs(n_images=DefaultParseValue("$None")))
     assert parser.get_parsed_content("n_images") is None
