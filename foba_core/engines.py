@@ -315,6 +315,7 @@ class ResumableTrainer(SupervisedTrainer):
         """
         if self.checkpoint_dir is None:
             return None
+        os.makedirs(self.checkpoint_dir, exist_ok=True)  # a stage may have emptied its folder since the trainer was built
         path = resume(self.checkpoint_dir, {**self.state_objects, "trainer": self}, optional=self._optional_state)
         if path is not None and self.state.epoch_length != self.max_steps * self.accumulation_steps:
             steps = f"{self.state.epoch_length / self.accumulation_steps:g}"

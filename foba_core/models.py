@@ -30,7 +30,7 @@ FOLDER_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", 
 CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                 "scheduler/scheduler_config.json", "tokenizer")
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
-CONFIG_HINT = ("pass config=<a local diffusers SD folder with the same architecture> (CLI: --config), "
+CONFIG_HINT = ("pass config=<a local diffusers SD folder with the same architecture> (CLI: --pretrained_config), "
                "from which the component configs, tokenizer and scheduler are read")
 
 

@@ -267,6 +267,14 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack([resize_center_crop(x, size) for x in images])
 
 
+def split_images(split, size: int) -> torch.Tensor:
+    """Return every image of a cached split (``splits.SplitImages``) at the U-Net's side (N, 3, size, size).
+
+    Each image is resized on its own, so the split is never held at the model's resolution all at once.
+    """
+    return torch.stack([resize_images(split[i]["image"][None], size)[0] for i in range(len(split))])
+
+
 def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
     """Return square masks (N, S, S) resized (nearest neighbour) to ``size``, in slices to bound memory."""
     from foba_core.masks import upsample_mask

@@ -76,7 +76,7 @@ class SplitImages(torch.utils.data.Dataset):
     def __init__(self, folder: str, split: str = ""):
         path = os.path.join(folder, "items.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} does not exist: run the images stage first (configs/stages/images.yaml)")
+            raise FileNotFoundError(f"{path} does not exist: run the images stage first (configs/stages/stage1.yaml)")
         with open(path) as f:
             meta = json.load(f)
         self.folder, self.split = folder, split or os.path.basename(os.path.normpath(folder))
@@ -112,11 +112,6 @@ class SplitImages(torch.utils.data.Dataset):
         boxes = None if meta["boxes"] is None else torch.tensor(meta["boxes"], dtype=torch.int64).reshape(-1, 4)
         return {"image": image, "mask": mask, "boxes": boxes, "caption": meta["caption"], "label": meta["label"],
                 "id": meta["id"], "index": index, "split": self.split}
-
-    def images(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Return images ``start`` .. ``stop - 1`` as one tensor (B, 3, S, S)."""
-        stop = len(self) if stop is None else stop
-        return torch.stack([self[i]["image"] for i in range(start, stop)])
 
     def masks(self) -> torch.Tensor | None:
         """Return every ground-truth mask (N, S, S) bool, or None when the split has no masks."""

@@ -93,11 +93,6 @@ class Stage:
         record = {"stage": self.name, "settings": self.settings, "needs": needs}
         return {**record, "digest": _digest(record)}
 
-    def is_done(self) -> bool:
-        """Return whether the folder holds this stage's complete outputs for the current settings."""
-        old = read_record(self.folder)
-        return bool(old and old.get("complete") and old.get("digest") == self.wanted()["digest"])
-
     def changes(self, old: dict, new: dict) -> list[str]:
         """Return one line per setting or upstream stage whose value differs between two records."""
         lines = []

@@ -61,7 +61,7 @@ def synthetic_set(pipe, n: int, words: list[str], stage1_step, refine_step, size
         m_pre = []
         for s in range(0, len(images), 32):
             items = [{"image": images[k], "caption": object_prompt(labels[k]), "label": labels[k],
-                      "id": f"synthetic-{k}"} for k in range(s, min(s + 32, len(images)))]
+                      "id": f"synthetic-{start + k}"} for k in range(s, min(s + 32, len(images)))]
             m_pre.append(stage1_step(None, items)["m_pre"])
         m_pre = torch.cat(m_pre)  # (B, h, w)
         batch = refine_step.batch_size

@@ -231,3 +231,10 @@ def test_finetune_stage_trains_resumes_in_stream_and_saves_the_model(tmp_path, m
     assert all(torch.equal(p, q) for p, q in zip(base.vae.parameters(), tuned.vae.parameters()))  # VAE frozen
     foba = json.loads((out / "model" / "foba.json").read_text())
     assert foba["finetune"]["training"]["iterations"] == 6 and foba["finetune"]["stage1"].endswith("stage1.pt")
+
+    # another learning rate on the finished run: the stage starts over from the base model, not from its checkpoints
+    _workflow(tmp_path, **{**small, "finetune_lr": 1e-4}).run()
+    retuned = load_pipeline(str(out / "model"))
+    assert json.loads((out / "stage.json").read_text())["settings"]["lr"] == 1e-4
+    assert json.loads((out / "train_log.json").read_text())["iterations_this_run"] == 6  # all 6 steps trained again
+    assert not all(torch.equal(p, q) for p, q in zip(tuned.unet.parameters(), retuned.unet.parameters()))

@@ -1,4 +1,4 @@
-"""Model loading: diffusers folders, original single-file checkpoints, the toy preset, prompts, saving."""
+"""Model loading: diffusers folders (the toy LDM among them), original single-file checkpoints, prompts, saving."""
 
 import json
 import os

@@ -215,7 +215,7 @@ def test_stage1_and_finetuning_under_torchrun_are_reused_by_the_main_job(tmp_pat
     assert torch.load(out / "stage1" / "train" / "stage1.pt", weights_only=True)["m_pre"].shape == (2, 8, 8)
     model_time = os.path.getmtime(out / "finetune" / "model" / "model_index.json")
 
-    printed = _run("cub", dataset_dir=str(tmp_path / "cub"), pretrained=str(tmp_path / "sd"), output_dir=str(out))
+    _run("cub", dataset_dir=str(tmp_path / "cub"), pretrained=str(tmp_path / "sd"), output_dir=str(out))
     for name in ("images", "stage1", "finetune"):
         assert json.loads((out / name / "stage.json").read_text())["complete"]
     assert os.path.getmtime(out / "finetune" / "model" / "model_index.json") == model_time  # reused, not retrained
