@@ -151,13 +151,13 @@ class MaskStep:
 
     ``m_pre`` maps each split to its stage-1 output ({"ids", "m_pre"}); the items' ids are checked against
     it. Each contiguous run of one split's items (indices s .. e - 1) is computed by ``masks_of(images,
-    m_pre, start=s)`` and stored in ``cache_dir``, so an interrupted stage resumes batch by batch.
+    m_pre, start=s, split)`` and stored in ``cache_dir``, so an interrupted stage resumes batch by batch.
     """
 
     def __init__(self, m_pre: dict, cache_dir: str):
         self.m_pre, self.cache_dir = m_pre, cache_dir
 
-    def masks_of(self, images: torch.Tensor, m_pre: torch.Tensor, start: int) -> torch.Tensor:
+    def masks_of(self, images: torch.Tensor, m_pre: torch.Tensor, start: int, split: str) -> torch.Tensor:
         raise NotImplementedError
 
     def __call__(self, engine, items: list[dict]) -> dict:
@@ -172,13 +172,14 @@ class MaskStep:
                                        "ran on other images); rerun stage 1")
             images = torch.stack([it["image"] for it in items if it["split"] == split])  # (B, 3, S, S)
             path = os.path.join(self.cache_dir, f"{split}_{start:07d}-{stop:07d}.safetensors")
-            out.append(cached(path, lambda: {"masks": self.masks_of(images, stage1["m_pre"][start:stop], start)})
+            out.append(cached(path, lambda: {"masks": self.masks_of(images, stage1["m_pre"][start:stop], start, split)})
                        ["masks"].bool())
         return {"items": items, "masks": torch.cat(out)}
 
 
 class RefineStep(MaskStep):
-    """Refined masks M (Eq. 5-6) with the fine-tuned model; image i of a split draws its noise from seed + i.
+    """Refined masks M (Eq. 5-6) with the fine-tuned model; image i of split s draws its noise from
+    ``derive_seed(seed, "refine", s) + i``, so no two splits (nor D'_s) share inpainting noise.
 
     ``batch_size`` is the batch that callers outside an engine (the synthetic D'_s) refine at.
     """
@@ -191,9 +192,10 @@ class RefineStep(MaskStep):
         self.pipe, self.scheduler, self.steps = pipe, scheduler, int(num_inference_steps)
         self.n_samples, self.fit, self.seed = int(n_samples), fit, int(seed)
 
-    def masks_of(self, images: torch.Tensor, m_pre: torch.Tensor, start: int) -> torch.Tensor:
+    def masks_of(self, images: torch.Tensor, m_pre: torch.Tensor, start: int, split: str) -> torch.Tensor:
+        seed = derive_seed(self.seed, "refine", split) + start  # image i of the batch: + i (batch-independent)
         return refine_masks(self.pipe, images, m_pre, scheduler=self.scheduler, num_inference_steps=self.steps,
-                            seed=self.seed + start, n_samples=self.n_samples, fit=self.fit)[0]
+                            seed=seed, n_samples=self.n_samples, fit=self.fit)[0]
 
 
 class CropStep(MaskStep):
@@ -203,5 +205,5 @@ class CropStep(MaskStep):
         super().__init__(m_pre, cache_dir)
         self.fit = fit
 
-    def masks_of(self, images: torch.Tensor, m_pre: torch.Tensor, start: int) -> torch.Tensor:
+    def masks_of(self, images: torch.Tensor, m_pre: torch.Tensor, start: int, split: str) -> torch.Tensor:
         return crop_masks(images, m_pre, fit=self.fit)[0]

@@ -51,7 +51,7 @@ def synthetic_set(pipe, n: int, words: list[str], stage1_step, refine_step, size
     """Return D'_s: {"images" (n, 3, s, s), "masks" (n, s, s)} at the U-Net's side ``size`` (Sec. 3).
 
     Chunk [a, b) is synthesised from ``derive_seed(seed, "synthetic", a)`` under y_f (w = 1); ``stage1_step`` (a
-    ``Stage1Step``) gives its M_pre, ``refine_step.masks_of`` its refined masks M (image i of the chunk: seed + a + i).
+    ``Stage1Step``) gives its M_pre, ``refine_step.masks_of`` its refined masks M (as a split named "synthetic").
     """
     from foba_core.segment import resize_images, resize_masks
 
@@ -65,7 +65,7 @@ def synthetic_set(pipe, n: int, words: list[str], stage1_step, refine_step, size
             m_pre.append(stage1_step(None, items)["m_pre"])
         m_pre = torch.cat(m_pre)  # (B, h, w)
         batch = refine_step.batch_size
-        masks = torch.cat([refine_step.masks_of(images[s:s + batch], m_pre[s:s + batch], start + s)
+        masks = torch.cat([refine_step.masks_of(images[s:s + batch], m_pre[s:s + batch], start + s, "synthetic")
                            for s in range(0, len(images), batch)])
         return {"images": resize_images(images, size), "masks": resize_masks(masks, size)}
 
