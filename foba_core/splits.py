@@ -14,10 +14,10 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from foba_core.io import atomic_write, write_json
+from foba_core.io import write_json
+from foba_core.outputs import load_tensors, save_tensors
 from foba_core.transforms import ResizeCenterCropd
 
 IMAGE_DTYPES = ("float32", "uint8")
@@ -58,7 +58,7 @@ def cache_split(data, folder: str, size: int, image_dtype: str = "float32", chun
             masks = [g["mask"] for g in geometry]
             if all(m is not None for m in masks):
                 tensors["masks"] = torch.stack(masks).to(torch.uint8)
-            atomic_write(_chunk_path(folder, start), lambda tmp, t=tensors: save_file(t, str(tmp)))
+            save_tensors(tensors, _chunk_path(folder, start))
         for g in geometry:
             item = g["item"]
             items.append({"id": str(item["id"]), "caption": item.get("caption"), "label": item.get("label"),
@@ -93,11 +93,7 @@ class SplitImages(torch.utils.data.Dataset):
 
     def _tensors(self, start: int) -> dict:
         if self._chunk is None or self._chunk[0] != start:
-            path = _chunk_path(self.folder, start)
-            try:
-                self._chunk = (start, load_file(path))
-            except Exception as err:  # safetensors raises its own error types for truncated files
-                raise ValueError(f"{path} is unreadable ({err}); delete it and rerun the images stage") from err
+            self._chunk = (start, load_tensors(_chunk_path(self.folder, start)))  # a damaged file names itself
         return self._chunk[1]
 
     def __getitem__(self, index: int) -> dict:
