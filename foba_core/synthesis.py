@@ -26,8 +26,12 @@ FID_NOT_COMPUTED = "not computed (pass --fid_network)"
 VAE_RECONSTRUCTION = "vae_reconstruction"  # fid.csv row: real images encoded and decoded by the VAE alone
 
 
-def _chunks(n: int, size: int):
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
+def chunked(cache_dir: str, name: str, n: int, chunk_size: int, compute) -> dict:
+    """Return ``compute(a, b)`` over the chunks [a, b) of n items, each stored in ``cache_dir``, joined per key."""
+    prefix = f"{name}_" if name else ""
+    parts = [cached(os.path.join(cache_dir, f"{prefix}{a:07d}-{b:07d}.safetensors"), lambda a=a, b=b: compute(a, b))
+             for a, b in ((a, min(a + chunk_size, n)) for a in range(0, n, chunk_size))]
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
 def synthesise(pipe, n: int, w: float, words: list[str], seed: int, **sample_kwargs) -> tuple[torch.Tensor, list]:
@@ -69,9 +73,7 @@ def synthetic_set(pipe, n: int, words: list[str], stage1_step, refine_step, size
                            for s in range(0, len(images), batch)])
         return {"images": resize_images(images, size), "masks": resize_masks(masks, size)}
 
-    parts = [cached(os.path.join(cache_dir, f"{a:07d}-{b:07d}.safetensors"), lambda a=a, b=b: compute(a, b))
-             for a, b in _chunks(n, chunk_size)]
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    return chunked(cache_dir, "", n, chunk_size, compute)
 
 
 def _features(network, images: torch.Tensor, scorer: Callable | None) -> dict:
@@ -105,9 +107,7 @@ def guidance_rows(pipe, network, real, ws, n_samples: int, words: list[str], see
         return torch.stack([real[i]["image"] for i in range(a, b)])
 
     def joined(name: str, n: int, compute) -> dict:
-        parts = [cached(os.path.join(cache_dir, f"{name}_{a:07d}-{b:07d}.safetensors"),
-                        lambda a=a, b=b: compute(a, b)) for a, b in _chunks(n, chunk_size)]
-        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        return chunked(cache_dir, name, n, chunk_size, compute)
 
     real_stats = feature_statistics(joined("real", n_real, lambda a, b: _features(
         network, real_images(a, b), None))["features"])
