@@ -1,4 +1,9 @@
-"""Atomic writes: every output is written to a temporary file beside its target, then moved onto it in one step."""
+"""Atomic writes: every output is written to a temporary file beside its target, then moved onto it in one step.
+
+The temporary file is flushed to disk (``fsync``) before the rename, so a kill or a power cut leaves either the
+old file or the complete new one, never a truncated one. Files and folders get the permissions ``open()`` and
+``mkdir()`` would give them under the user's umask (``tempfile`` alone creates them private, 0600 / 0700).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,28 @@ from pathlib import Path
 from typing import Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_folder(parent: str | os.PathLike, prefix: str) -> Path:
+    """Return a new empty folder in ``parent`` (to be renamed onto its target) with the umask's permissions."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Return ``path`` after ``write(tmp)`` filled a temporary file in the same folder that then replaced it."""
     path = Path(path)
@@ -18,6 +45,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from foba_core.diffusion import encode_text
+from foba_core.io import temp_folder
 
 FOBA_JSON = "foba.json"
 # What a diffusers SD folder must hold; safety_checker/ and feature_extractor/ are never needed.
@@ -180,12 +180,12 @@ def save_pipeline(pipe, folder, extra: dict | None = None) -> Path:
     settings = json.dumps({"text_attention_mask": bool(getattr(pipe, "text_attention_mask", False)), **extra},
                           indent=2)  # fails here, before any write, if extra is not JSON-serialisable
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = temp_folder(folder.parent, f".{folder.name}.tmp-")
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / FOBA_JSON).write_text(settings + "\n")
         if folder.exists():  # a non-empty folder cannot be renamed over: move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            old = temp_folder(folder.parent, f".{folder.name}.old-")
             os.replace(folder, old / folder.name)
             os.replace(tmp, folder)
             shutil.rmtree(old)

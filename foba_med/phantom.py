@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from foba_core.io import temp_folder
 from foba_med.mimic import METADATA_FILE, SPLIT_FILE, relative_image_path, relative_report_path
 from foba_med.ms_cxr import MS_CXR_FILE
 from foba_med.phantom_drawing import PhantomFinding, render_frontal, render_lateral
@@ -221,7 +221,7 @@ def write_phantom_mimic(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty and is not a phantom tree; choose an empty or new folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = temp_folder(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         counts = _write_tree(tmp, params)
         (tmp / STAMP_FILE).write_text(json.dumps({"params": params, "counts": counts}, indent=1, sort_keys=True))
