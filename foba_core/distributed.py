@@ -5,7 +5,7 @@ these helpers: join the process group in ``initialize`` (:func:`init_process_gro
 on CPU) and leave it in ``finalize`` (:func:`destroy_process_group`); derive one seed per process
 (:func:`rank_seed`); split inference data into contiguous shards (:class:`ShardBatches`) whose results
 rank 0 gathers back into dataset order (:func:`gather_to_rank0`); split a training stream
-(:class:`StreamShard`) or a shuffled data set (:class:`ReshufflingSampler`) between the processes; skip the
+(:class:`StreamShard`) between the processes (shuffled trainings: ``sampling.ShuffledBatches``); skip the
 gradient all-reduce inside accumulation windows (:class:`SyncGradientsOnStep`); print the effective batch
 (:func:`effective_batch`). Without ``torchrun`` every helper behaves as rank 0 of 1.
 """
@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from monai.data import DistributedSampler
 
 from foba_core.engines import optimizer_steps_now
 from foba_core.seeds import derive_seed
@@ -200,34 +199,6 @@ class StreamShard(torch.utils.data.Sampler):
         step = self.batch_size * self.world
         for first in range(self.start, self.start + len(self) * self.world, step):
             yield from range(first + self.rank * self.batch_size, first + (self.rank + 1) * self.batch_size)
-
-
-class ReshufflingSampler(DistributedSampler):
-    """MONAI ``DistributedSampler`` that draws a new order on every pass over the data set.
-
-    MONAI's ``Workflow`` calls ``set_epoch(engine epoch)`` when an ignite epoch starts; foba's trainers run
-    all their steps as ONE ignite epoch over many passes, in which a plain ``DistributedSampler`` would repeat
-    one order (a single-process ``DataLoader(shuffle=True)`` draws a new one each pass). Pass p of ignite
-    epoch e is shuffled with ``derive_seed(seed, "shuffle", e, p)``; every process shuffles alike and takes its
-    own part.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.passes = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.passes = 0
-
-    def __iter__(self):
-        seed, epoch = self.seed, self.epoch
-        # torch's sampler shuffles with seed + epoch: this pass's seed, at epoch 0
-        self.seed, self.epoch = derive_seed(seed, "shuffle", epoch, self.passes), 0
-        try:
-            return super().__iter__()  # the indices are drawn here, not lazily
-        finally:
-            self.seed, self.epoch, self.passes = seed, epoch, self.passes + 1
 
 
 class SyncGradientsOnStep:

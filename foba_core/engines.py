@@ -10,7 +10,6 @@ The pieces stay usable alone: warm-up schedule (:func:`warmup_schedule`), loss f
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from monai.handlers import LrScheduleHandler, StatsHandler
 from monai.utils import look_up_option
 
 from foba_core.checkpoints import ResumableCheckpointSaver, resume
+from foba_core.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -118,37 +118,45 @@ def configure_tracking(handlers: Sequence, params: dict) -> None:
 
 
 class LossLog:
-    """Handler: keep the loss of every iteration and write a JSON summary (atomically) when training completes."""
+    """Handler: keep the loss of every iteration and write a JSON summary (atomically) when training completes.
+
+    The losses are checkpoint state (``state_dict``): a resumed run's log holds the whole run's curve, the one an
+    uninterrupted run writes.
+    """
 
     def __init__(self, path: str, tail: int = 100):
         self.path, self.tail = path, int(tail)
         self.losses: list[float] = []
+        self.resumed_at = 0
         self.start = time.perf_counter()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
         engine.add_event_handler(Events.COMPLETED, self.write)
 
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = [float(v) for v in state["losses"]]
+        self.resumed_at = len(self.losses)
+
     def record(self, engine: Engine) -> None:
         self.losses.append(loss_value(engine.state.output))
 
     def summary(self, engine: Engine) -> dict:
-        """Return first and final loss (mean of the first/last ``tail`` iterations of this run) and timing."""
+        """Return first and final loss (mean of the first/last ``tail`` iterations of the run) and timing."""
         n = min(self.tail, len(self.losses))
         return {
             "iterations": int(engine.state.iteration),
-            "iterations_this_run": len(self.losses),
+            "iterations_this_run": len(self.losses) - self.resumed_at,
             "loss_first": sum(self.losses[:n]) / max(1, n),
             "loss_final": sum(self.losses[-n:]) / max(1, n),
             "seconds_this_run": time.perf_counter() - self.start,
         }
 
     def write(self, engine: Engine) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({**self.summary(engine), "losses": self.losses}, f)
-        os.replace(tmp, self.path)
+        write_json({**self.summary(engine), "losses": self.losses}, self.path)
 
 
 class AccumulatedGradients:
@@ -190,16 +198,18 @@ class ResumableTrainer(SupervisedTrainer):
     Besides the ``SupervisedTrainer`` arguments it attaches, in this order and before ``train_handlers``:
     the learning-rate schedule, stepped every iteration (``LrScheduleHandler``); :class:`ClipGradNorm` to
     ``max_grad_norm`` (the unscaled gradient under ``amp``, the accumulated one with ``accumulation_steps``);
-    a StatsHandler every ``log_interval`` iterations; with ``checkpoint_dir`` a
-    :class:`ResumableCheckpointSaver` (every ``checkpoint_interval`` optimiser steps, at the end and on an
-    interruption; the newest ``keep_checkpoints`` interval ones stay) of the trainer and ``state``; with
-    ``output_dir`` a :class:`LossLog` (``output_dir/train_log.json``); an ignite ProgressBar.
+    with ``output_dir`` a :class:`LossLog` (``output_dir/train_log.json``, the whole run's curve also after
+    resumes); with ``checkpoint_dir`` a :class:`ResumableCheckpointSaver` (atomic files every
+    ``checkpoint_interval`` optimiser steps, at the end and on an exception; the newest ``keep_checkpoints``
+    interval ones stay) of the trainer, ``state`` and the loss log; a StatsHandler every ``log_interval``
+    iterations; an ignite ProgressBar.
     ``train_handlers`` are extra handlers (a bundle passes ``@train#handlers``, where ``--tracking mlflow`` adds
     its MLFlowHandler, which :func:`configure_tracking` sets up with ``tracking_params``).
 
     ``state`` names the objects checkpointed with the trainer, the names being the checkpoint's keys: the
     network, the optimiser and the schedule (the default) plus anything else a run needs to continue exactly,
-    e.g. a ``DiffusionBatch`` (its noise counter) or a resumable sampler. Constructed with ``resume=True``
+    e.g. a ``DiffusionBatch`` (its noise counter). A batch sampler with ``seek`` (``sampling.ShuffledBatches``)
+    needs no state: :meth:`resume` moves it to the resumed iteration. Constructed with ``resume=True``
     (or at :meth:`resume`), the trainer and ``state`` are loaded from the newest checkpoint in
     ``checkpoint_dir``; :meth:`run` then continues there, and does nothing for a run that already finished.
 
@@ -272,30 +282,31 @@ class ResumableTrainer(SupervisedTrainer):
             extra["gradients"] = AccumulatedGradients(self, network.parameters())
         if self.scaler is not None:
             extra["scaler"] = self.scaler  # the AMP loss scale
+        extra.update({"loss_log": h for h in self.handlers if isinstance(h, LossLog)})  # the curve so far (rank 0)
         self._optional_state = tuple(extra)
         for saver in self.handlers:
             if isinstance(saver, ResumableCheckpointSaver):
-                saver.save_dict.update(extra)  # ignite's Checkpoint reads this very dict
+                saver.save_dict.update(extra)
         return extra
 
     @staticmethod
     def _writers(state: dict, log_interval, checkpoint_dir, save_interval: int, keep_checkpoints: int, output_dir,
                  progress: bool, train_handlers) -> list:
-        """Return the handlers that print or write: statistics, checkpoints, the loss log, a progress bar, extras.
+        """Return the handlers that print or write: the loss log, checkpoints, statistics, a progress bar, extras.
 
-        They are built on every rank (ignite's Checkpoint makes a collective call) and attached on rank 0.
+        They are built on every rank (``train_handlers`` come from the config on every rank) and attached on rank 0.
         """
         writers: list = []
+        if output_dir is not None:  # before the checkpoints: an iteration's loss is recorded before it is saved
+            writers.append(LossLog(os.path.join(output_dir, "train_log.json")))
+        if checkpoint_dir is not None:  # before StatsHandler: its exception handler saves, then re-raises
+            writers.append(ResumableCheckpointSaver(
+                save_dir=checkpoint_dir, save_dict=state, save_interval=int(save_interval), n_saved=keep_checkpoints,
+                save_final=True))
         if log_interval:
             every = int(log_interval)
             writers.append(StatsHandler(tag_name="train_loss", output_transform=loss_value,
                                         iteration_log=lambda engine, iteration: iteration % every == 0))
-        if checkpoint_dir is not None:
-            writers.append(ResumableCheckpointSaver(
-                save_dir=checkpoint_dir, save_dict=state, save_interval=int(save_interval), epoch_level=False,
-                save_final=True, final_filename="checkpoint_final_iteration.pt", n_saved=keep_checkpoints))
-        if output_dir is not None:
-            writers.append(LossLog(os.path.join(output_dir, "train_log.json")))
         if progress:
             from ignite.handlers import ProgressBar
 
@@ -312,6 +323,7 @@ class ResumableTrainer(SupervisedTrainer):
         """Load the newest checkpoint of ``checkpoint_dir`` into the trainer and ``state``; return its path (or None).
 
         A finished run asked for more steps now continues; a checkpoint of a run of another length is refused.
+        A batch sampler with ``seek`` (``sampling.ShuffledBatches``) is moved to the batch the run continues with.
         """
         if self.checkpoint_dir is None:
             return None
@@ -321,6 +333,9 @@ class ResumableTrainer(SupervisedTrainer):
             steps = f"{self.state.epoch_length / self.accumulation_steps:g}"
             raise ValueError(f"the checkpoints in {self.checkpoint_dir} belong to a run of {steps} steps, not "
                              f"{self.max_steps}; pass max_steps={steps} or a new output folder")
+        seek = getattr(getattr(self.data_loader, "batch_sampler", None), "seek", None)
+        if seek is not None:
+            seek(self.state.iteration)  # one batch per iteration; prefetching workers make the sampler run ahead
         return path
 
     def run(self) -> None:

@@ -120,52 +120,13 @@ class SegmentationData(torch.utils.data.Dataset):
         return {k: convert_to_tensor(out[k], track_meta=False) for k in SEGMENTATION_KEYS}
 
 
-class TrainingBatches(torch.utils.data.Sampler):
-    """Batch sampler of a fixed-length run: ``steps`` batches of ``(index, draw)`` keys, resumable at any step.
-
-    The run is a stream of epochs, each a permutation of the ``n`` images seeded by ``(seed, epoch)``;
-    batch k holds stream positions k·B … k·B + B − 1 (epochs join without a gap, so n need not be a
-    multiple of B), and an item's ``draw`` is its epoch. ``position`` (batches served) is the
-    ``state_dict``: a run resumed from a checkpoint continues exactly where it stopped.
-    """
-
-    def __init__(self, n: int, batch_size: int, steps: int, seed: int = 0):
-        if n < 1 or batch_size < 1 or steps < 1:
-            raise ValueError(f"n, batch_size and steps must be >= 1, got {n}, {batch_size}, {steps}")
-        self.n, self.batch_size, self.steps, self.seed = int(n), int(batch_size), int(steps), int(seed)
-        self.position = 0
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
-
-    def __len__(self) -> int:
-        return self.steps - self.position
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, "epoch order", epoch))
-            self._perm = (epoch, torch.randperm(self.n, generator=gen))
-        return self._perm[1]
-
-    def __iter__(self):
-        while self.position < self.steps:
-            start = self.position * self.batch_size
-            keys = []
-            for p in range(start, start + self.batch_size):
-                epoch = p // self.n
-                keys.append((int(self._permutation(epoch)[p % self.n]), epoch))
-            self.position += 1
-            yield keys
-
-
 def segmentation_loader(data: SegmentationData, batch_size: int = 32, steps: int = 12000,
                         seed: int = 0) -> torch.utils.data.DataLoader:
-    """Return the training loader: ``steps`` batches drawn by a resumable ``TrainingBatches`` sampler."""
-    return torch.utils.data.DataLoader(data, batch_sampler=TrainingBatches(len(data), batch_size, steps, seed))
+    """Return the training loader: ``steps`` batches of (index, draw) keys (``sampling.ShuffledBatches``)."""
+    from foba_core.sampling import ShuffledBatches
+
+    return torch.utils.data.DataLoader(data, batch_sampler=ShuffledBatches(len(data), batch_size, steps, seed,
+                                                                           draws=True))
 
 
 def segmentation_trainer(network: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, steps: int,
@@ -176,7 +137,7 @@ def segmentation_trainer(network: torch.nn.Module, optimizer: torch.optim.Optimi
     ``loader`` yields {image, label} batches (``segmentation_loader``). ``handlers`` become extra
     ``train_handlers`` (a bundle passes ``@train#handlers`` here, so that ``--tracking mlflow`` can add its
     handler); an ignite ProgressBar is attached when ``progress``. With ``output_dir``, the network, the
-    optimiser and the sampler position are checkpointed to ``output_dir/checkpoints`` every
+    optimiser and the trainer are checkpointed to ``output_dir/checkpoints`` every
     ``checkpoint_interval`` steps and at the end, the loss curve goes to ``output_dir/train_log.json``, and the
     trainer resumes from the latest checkpoint there.
     """
@@ -188,7 +149,7 @@ def segmentation_trainer(network: torch.nn.Module, optimizer: torch.optim.Optimi
     return ResumableTrainer(
         device=device, max_steps=int(steps), train_data_loader=loader, network=network, optimizer=optimizer,
         loss_function=torch.nn.BCEWithLogitsLoss(), output_dir=output_dir, checkpoint_interval=checkpoint_interval,
-        state={"network": network, "optimizer": optimizer, "sampler": loader.batch_sampler}, log_interval=None,
+        state={"network": network, "optimizer": optimizer}, log_interval=None,
         progress=progress, train_handlers=handlers,
     )
 
@@ -200,7 +161,7 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int = 1200
     """Return the segmentation U-Net trained on (image, mask) pairs with random crops (supplement Sec. 1).
 
     ``network`` defaults to ``segmentation_network(seed=seed)``. With ``output_dir``, checkpoints
-    (network, optimiser, trainer, sampler position) go to ``output_dir/checkpoints`` every
+    (network, optimiser, trainer) go to ``output_dir/checkpoints`` every
     ``checkpoint_interval`` steps and at the end, the loss curve to ``output_dir/train_log.json``, and a
     rerun with the same ``output_dir`` resumes from the latest checkpoint (a finished run is not
     repeated).

@@ -166,7 +166,7 @@ def test_a_finished_run_resumes_from_its_final_checkpoint_not_its_last_interval_
 
 
 class _Pairs(torch.utils.data.Dataset):
-    """Fixed (image, label) regression pairs addressed by TrainingBatches' (index, draw) keys."""
+    """Fixed (image, label) regression pairs."""
 
     def __init__(self, n=10):
         gen = torch.Generator().manual_seed(0)
@@ -176,22 +176,22 @@ class _Pairs(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, key):
-        return {"image": self.x[key[0]], "label": self.y[key[0]]}
+        return {"image": self.x[key], "label": self.y[key]}
 
 
 def _resumable(folder, steps=6, accumulation_steps=2, handlers=(), **kwargs):
-    """A tiny linear regression in a ResumableTrainer whose sampler position is part of its checkpoints."""
+    """A tiny linear regression in a ResumableTrainer reading shuffled batches."""
     from foba_core.engines import ResumableTrainer
-    from foba_core.segment import TrainingBatches
+    from foba_core.sampling import ShuffledBatches
 
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 1)
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
     schedule = warmup_schedule(optimizer, 2, accumulation_steps=accumulation_steps)
-    sampler = TrainingBatches(10, batch_size=4, steps=steps * accumulation_steps, seed=1)
+    sampler = ShuffledBatches(10, batch_size=4, steps=steps * accumulation_steps, seed=1)
     loader = torch.utils.data.DataLoader(_Pairs(), batch_sampler=sampler)
     settings = dict(output_dir=str(folder), checkpoint_interval=2, progress=False, max_grad_norm=0.5,
-                    state={"network": net, "optimizer": optimizer, "lr_schedule": schedule, "sampler": sampler})
+                    state={"network": net, "optimizer": optimizer, "lr_schedule": schedule})
     return ResumableTrainer(
         device="cpu", max_steps=steps, accumulation_steps=accumulation_steps, train_data_loader=loader, network=net,
         optimizer=optimizer, loss_function=torch.nn.MSELoss(), lr_schedule=schedule, train_handlers=list(handlers),
@@ -215,8 +215,8 @@ def test_resumable_trainer_wires_its_handlers_in_order(tmp_path):
 
     extra = _StopAt(100)
     trainer = _resumable(tmp_path, handlers=[extra], progress=True)
-    assert [type(h) for h in trainer.handlers] == [LrScheduleHandler, ClipGradNorm, StatsHandler,
-                                                   ResumableCheckpointSaver, LossLog, ProgressBar, _StopAt]
+    assert [type(h) for h in trainer.handlers] == [LrScheduleHandler, ClipGradNorm, LossLog,
+                                                   ResumableCheckpointSaver, StatsHandler, ProgressBar, _StopAt]
     assert trainer.handlers[-1] is extra and trainer.state.epoch_length == 12  # 6 steps x 2 micro-batches
     bare = _resumable(tmp_path / "bare", output_dir=None, checkpoint_dir=None, log_interval=None, max_grad_norm=None)
     assert [type(h) for h in bare.handlers] == [LrScheduleHandler]
@@ -243,7 +243,7 @@ def test_resumable_trainer_resumes_to_the_weights_of_an_uninterrupted_run(tmp_pa
     first = json.loads((tmp_path / "full" / "train_log.json").read_text())["losses"]
     second = json.loads((tmp_path / "part" / "train_log.json").read_text())
     assert second["iterations"] == 12 and second["iterations_this_run"] == 7
-    assert second["losses"] == first[5:]  # the resumed iterations saw the same batches, bit for bit
+    assert second["losses"] == first  # the whole run's curve; the resumed iterations saw the same batches
 
 
 def test_a_finished_resumable_run_is_not_restarted_and_other_lengths_are_refused(tmp_path, capsys):
@@ -261,3 +261,44 @@ def test_a_finished_resumable_run_is_not_restarted_and_other_lengths_are_refused
     longer = _resumable(tmp_path, steps=8)  # more steps: the finished run continues
     longer.run()
     assert longer.state.iteration == 16
+
+
+class _Payload:
+    """A pickle that, when loaded without weights_only, creates the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_in_the_checkpoint_folder_is_not_executed(tmp_path, capsys):
+    marker = tmp_path / "executed"
+    good = _engine(4, [])
+    good.state.iteration = 2
+    _save(good, tmp_path)
+    torch.save({"trainer": {"iteration": 9}, "payload": _Payload(marker)}, tmp_path / "checkpoint_iteration=9.pt")
+    torch.save(_Payload(marker), tmp_path / "checkpoint_final_iteration.pt")
+    engine = _engine(4, [])
+    assert resume(str(tmp_path), {"trainer": engine}).endswith("checkpoint_iteration=2.pt")
+    assert not marker.exists() and engine.state.iteration == 2
+    out = capsys.readouterr().out
+    assert out.count("skipping an unreadable checkpoint") == 2 and "checkpoint_iteration=9.pt" in out
+
+
+def test_the_newest_readable_checkpoint_is_taken_and_an_all_unreadable_folder_is_named(tmp_path, capsys):
+    older = _engine(6, [])
+    older.state.iteration = 4
+    _save(older, tmp_path)
+    (tmp_path / "checkpoint_final_iteration.pt").write_bytes(b"")  # what a kill during a non-atomic write leaves
+    (tmp_path / ".checkpoint_iteration=6.pt.x1y2.tmp").write_bytes(b"half")  # an interrupted atomic write
+    engine = _engine(6, [])
+    assert resume(str(tmp_path), {"trainer": engine}).endswith("checkpoint_iteration=4.pt")
+    out = capsys.readouterr().out
+    assert f"skipping an unreadable checkpoint: cannot read checkpoint {tmp_path / 'checkpoint_final_iteration.pt'}" in out
+    assert "a checkpoint write that did not finish" in out and not (tmp_path / ".checkpoint_iteration=6.pt.x1y2.tmp").exists()
+
+    (tmp_path / "checkpoint_iteration=4.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(RuntimeError, match="no readable checkpoint in .*checkpoint_iteration=4.pt.*Delete these files"):
+        resume(str(tmp_path), {"trainer": _engine(6, [])})

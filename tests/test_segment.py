@@ -7,7 +7,7 @@ import torch
 from ignite.engine import Events
 
 from foba_core.metrics import foreground_iou
-from foba_core.segment import (SegmentationData, TrainingBatches, center_crop, predict_masks, segmentation_network,
+from foba_core.segment import (SegmentationData, center_crop, predict_masks, segmentation_network,
                                train_segmenter)
 
 
@@ -53,18 +53,6 @@ def test_test_crops_are_central_and_whole_images_pass_unchanged():
         SegmentationData(images, masks, crop=24)
     with pytest.raises(ValueError, match="masks must have shape"):
         SegmentationData(images, masks[:, :10])
-
-
-def test_training_batches_visit_every_image_once_per_epoch():
-    sampler = TrainingBatches(n=5, batch_size=3, steps=5, seed=0)
-    keys = [k for batch in sampler for k in batch]  # 15 keys = 3 epochs of 5 images
-    assert len(keys) == 15 and len(sampler) == 0
-    for epoch in range(3):
-        assert sorted(i for i, d in keys[5 * epoch:5 * epoch + 5]) == list(range(5))
-        assert {d for _, d in keys[5 * epoch:5 * epoch + 5]} == {epoch}
-    resumed = TrainingBatches(n=5, batch_size=3, steps=5, seed=0)
-    resumed.load_state_dict({"position": 2})
-    assert [k for batch in resumed for k in batch] == keys[6:]
 
 
 def test_segmenter_learns_a_trivial_mask_data_set():

@@ -14,9 +14,8 @@ PRETRAIN, CXR_TRAIN = os.path.join(TOY, "pretrain.yaml"), os.path.join(CXR, "tra
 FINETUNE = [f"configs/stages/{s}.yaml" for s in ("stage1", "finetune", "refine", "segment", "guidance", "report")] + [
     "configs/datasets/toy.yaml", "bundles/foba_toy/configs/pipeline.yaml"]  # the main job, whose training it is
 WIRING = ("prepare_batch", "optimizer", "lr_schedule", "trainer")
-OWN_HANDLERS = ["LrScheduleHandler", "ClipGradNorm", "StatsHandler", "ResumableCheckpointSaver", "LossLog",
+OWN_HANDLERS = ["LrScheduleHandler", "ClipGradNorm", "LossLog", "ResumableCheckpointSaver", "StatsHandler",
                 "ProgressBar"]
-
 
 def _parser(*files, **overrides) -> ConfigParser:
     parser = ConfigParser()
@@ -89,7 +88,7 @@ def _check(parser, trainer, accumulation_steps=1):
     assert trainer.state.epoch_length == parser.get_parsed_content("max_steps") * accumulation_steps
     assert trainer.accumulation_steps == accumulation_steps
     assert sorted(trainer.state_objects) == (["gradients"] if accumulation_steps > 1 else []) + [
-        "lr_schedule", "optimizer", "prepare_batch", "unet"]
+        "loss_log", "lr_schedule", "optimizer", "prepare_batch", "unet"]
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ def vae_stage(components: dict, dataset, work_dir: str, steps: int = 400, batch_
     vae = components["vae"]
     cache = os.path.join(work_dir, "vae_stage.pt")
     if os.path.exists(cache):
-        state = torch.load(cache, map_location="cpu")
+        state = torch.load(cache, map_location="cpu", weights_only=True)  # tensors, captions and losses: no code
         vae.load_state_dict(state["vae"])
         vae.eval().requires_grad_(False)
         latents, captions = state["latents"], state["captions"]
