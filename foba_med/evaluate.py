@@ -33,7 +33,8 @@ from foba_core.diffusion import encode_latents, model_resolution
 from foba_core.models import encode_prompts, load_pipeline
 from foba_core.seeds import derive_seed
 from foba_core.transforms import ResizeCenterCropd
-from foba_med.ms_cxr import MSCXRDataset, _find_image
+from foba_med.mimic import CXRImageError
+from foba_med.ms_cxr import Finding, MSCXRDataset
 from foba_med.phantom import STAMP_FILE, write_phantom_mimic
 from foba_med.scoring import slug
 from foba_med.vocabulary import find_disease_words
@@ -61,11 +62,44 @@ def ensure_phantom(mimic_dir: str, phantom_dir: str, params: dict | None = None)
     return mimic_dir
 
 
+def left_out(finding: Finding, status: str, err: Exception) -> dict:
+    """Return the ``per_image.csv`` row of a finding whose image is ``status`` ("missing" or "unreadable")."""
+    return {"id": f"{finding.dicom_id}__{slug(finding.category_name)}", "dicom_id": finding.dicom_id,
+            "category_name": finding.category_name, "split": finding.split, "prompt": finding.caption,
+            "status": status, "error": str(err)}
+
+
+class ReadableFindings(torch.utils.data.Dataset):
+    """The findings ``indices`` of ``dataset``; a finding whose image cannot be decoded gives its
+    :func:`left_out` row (status "unreadable") instead of an item, with a warning naming the file.
+
+    Unreadable images are detected here, when the item is loaded, and not up front in :func:`open_findings`:
+    checking there would decode every image twice (once to check, once to score). ``CXREvalStep`` passes the
+    row on and ``foba_med.scoring.CXREvalWriter`` counts it, as it counts the missing images (and raises when
+    no image could be decoded). A report that cannot be read (``prompt="impression"``) still raises.
+    """
+
+    def __init__(self, dataset: MSCXRDataset, indices: list[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[self.indices[index]]
+        except CXRImageError as err:  # its message names the file
+            logger.warning("left out, the image cannot be decoded: %s", err)
+            finding = self.dataset.findings[self.indices[index]]
+            path = self.dataset.mimic_dir / self.dataset.image_path(finding)
+            return {**left_out(finding, "unreadable", err), "path": str(path)}
+
+
 @dataclass
 class FindingSet:
     """The MS-CXR findings whose images are on disk (``dataset``) and those whose images are not (``missing``)."""
 
-    dataset: torch.utils.data.Dataset
+    dataset: ReadableFindings
     missing: list[dict]
 
 
@@ -73,7 +107,8 @@ def open_findings(ms_cxr_csv: str, mimic_dir: str, split: str = "all", prompt: s
                   reports_dir: str | None = None, image_format: str = "auto") -> FindingSet:
     """Return the MS-CXR findings of ``split`` with their images on disk, and the missing ones by name.
 
-    Missing images are logged by name and counted; it is an error only when every image is missing.
+    Missing images are logged by name and counted; it is an error only when every image is missing. Images
+    that exist but cannot be decoded are found when loaded (:class:`ReadableFindings`).
     """
     ds = MSCXRDataset(ms_cxr_csv, mimic_dir, split=split, prompt=prompt, reports_dir=reports_dir,
                       image_format=image_format)
@@ -82,12 +117,10 @@ def open_findings(ms_cxr_csv: str, mimic_dir: str, split: str = "all", prompt: s
     present, missing = [], []
     for index, finding in enumerate(ds.findings):
         try:
-            _find_image(ds.mimic_dir, finding, ds.image_format)
+            ds.image_path(finding)
             present.append(index)
         except FileNotFoundError as err:
-            missing.append({"id": f"{finding.dicom_id}__{slug(finding.category_name)}", "dicom_id": finding.dicom_id,
-                            "category_name": finding.category_name, "split": finding.split,
-                            "prompt": finding.caption, "status": "missing", "error": str(err)})
+            missing.append(left_out(finding, "missing", err))
     if missing:
         names = sorted({m["dicom_id"] for m in missing})
         logger.warning("%d of %d MS-CXR images (%d findings) are missing under %s and are left out: %s",
@@ -95,7 +128,7 @@ def open_findings(ms_cxr_csv: str, mimic_dir: str, split: str = "all", prompt: s
     if not present:
         raise FileNotFoundError(f"none of the {len(ds)} MS-CXR findings has its image under {mimic_dir} "
                                 f"(first tried: {missing[0]['error']}); is --mimic_dir the folder holding files/?")
-    return FindingSet(torch.utils.data.Subset(ds, present), missing)
+    return FindingSet(ReadableFindings(ds, present), missing)
 
 
 def finding_tokens(tokenizer, prompt: str, category: str, fallback_all_tokens: bool = False) -> tuple[list[int], str]:
@@ -132,7 +165,8 @@ class CXREvalStep:
 
     Each item's output holds ``heat`` (h, w) at latent resolution (None when the prompt names no disease word
     and there is no fallback), ``token_maps`` (k, h, w) one per sub-token, ``tokens`` (their strings) and
-    ``token_source`` (see :func:`finding_tokens`), plus the model-resolution image, mask and boxes.
+    ``token_source`` (see :func:`finding_tokens`), plus the model-resolution image, mask and boxes. An item
+    whose image could not be decoded (the ``status`` row of :class:`ReadableFindings`) is passed on as it is.
     """
 
     def __init__(self, pipe, t0: int = 40, timesteps: list[int] | None = None, seed: int = 0,
@@ -145,9 +179,12 @@ class CXREvalStep:
 
     def __call__(self, engine: Engine | None, items: list[dict]) -> dict:
         pipe = self.pipe
-        prepared = [prepare_item(it, self.size, pipe.vae.config.in_channels) for it in items]
         records = []
-        for it, prep in zip(items, prepared):
+        for it in items:
+            if "status" in it:  # left out unread
+                records.append(it)
+                continue
+            prep = prepare_item(it, self.size, pipe.vae.config.in_channels)
             idx, source = finding_tokens(pipe.tokenizer, it["caption"], it["category_name"], self.fallback_all_tokens)
             max_length = pipe.tokenizer.model_max_length
             if source != "disease_words":
@@ -159,7 +196,7 @@ class CXREvalStep:
             records.append({**{k: it[k] for k in ("id", "dicom_id", "category_name", "split")}, **prep,
                             "prompt": it["caption"], "token_source": source, "token_index": idx, "tokens": tokens,
                             "heat": None, "token_maps": None})
-        todo = [r for r in records if r["token_index"]]
+        todo = [r for r in records if r.get("token_index")]
         if todo:
             z0 = encode_latents(pipe, torch.stack([r["image"] for r in todo]))  # (B, C, h, w)
             hidden, key_mask = encode_prompts(pipe, [r["prompt"] for r in todo], device=z0.device)  # (B, L, D)

@@ -44,6 +44,10 @@ class CXRReadError(ValueError):
     """A chest X-ray image or report that exists but cannot be read."""
 
 
+class CXRImageError(CXRReadError):
+    """A chest X-ray image that exists but cannot be decoded."""
+
+
 
 def _read_table(mimic_dir: str | os.PathLike, name: str, columns: Sequence[str]) -> pd.DataFrame:
     """Read ``name`` (.csv.gz or .csv) from ``mimic_dir`` with ids as strings, checking ``columns``."""
@@ -90,7 +94,7 @@ def load_cxr_image(path: str | os.PathLike) -> np.ndarray:
 
     JPG/PNG are read with PIL (8 or 16 bit). DICOM is read with pydicom: Modality LUT / rescale slope and
     intercept, then the VOI LUT or window centre/width, scaled by the output range of that LUT/window (the
-    image's own range when it has neither); MONOCHROME1 is inverted. Unreadable files raise CXRReadError.
+    image's own range when it has neither); MONOCHROME1 is inverted. Unreadable files raise CXRImageError.
     """
     path = Path(path)
     if not path.is_file():
@@ -99,10 +103,10 @@ def load_cxr_image(path: str | os.PathLike) -> np.ndarray:
         if path.suffix.lower() in (".dcm", ".dicom"):
             return _load_dicom(path)
         return _load_pil(path)
-    except (CXRReadError, FileNotFoundError):
+    except (CXRImageError, FileNotFoundError):
         raise
     except Exception as err:  # PIL, pydicom and numpy raise many types for broken files
-        raise CXRReadError(f"cannot read chest X-ray image {path}: {type(err).__name__}: {err}") from err
+        raise CXRImageError(f"cannot read chest X-ray image {path}: {type(err).__name__}: {err}") from err
 
 
 def _load_pil(path: Path) -> np.ndarray:
@@ -128,10 +132,10 @@ def _load_dicom(path: Path) -> np.ndarray:
         hint = ""
         if "decoder" in str(err).lower() or "plugin" in str(err).lower():
             hint = "; compressed DICOM needs a decoder: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
-        raise CXRReadError(f"cannot read DICOM {path}: {type(err).__name__}: {err}{hint}") from err
+        raise CXRImageError(f"cannot read DICOM {path}: {type(err).__name__}: {err}{hint}") from err
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or raw.ndim != 2:
-        raise CXRReadError(f"{path}: expected a single-frame MONOCHROME1/2 radiograph, got {photometric} {raw.shape}")
+        raise CXRImageError(f"{path}: expected a single-frame MONOCHROME1/2 radiograph, got {photometric} {raw.shape}")
     arr = apply_modality_lut(raw, ds)
     if ds.get("VOILUTSequence"):
         if arr.dtype.kind == "f" and np.array_equal(arr, np.round(arr)):
@@ -158,22 +162,46 @@ def _resolve_split(split: str) -> str:
     return SPLITS[look_up_option(split, tuple(SPLITS))]
 
 
-def _detect_format(mimic_dir: Path, rows: pd.DataFrame, image_format: str) -> str:
-    """``jpg`` or ``dcm``: given, or the format of the first of the listed images that exists."""
+def find_image(mimic_dir: str | os.PathLike, subject_id: str | int, study_id: str | int, dicom_id: str,
+               image_format: str = "auto") -> str:
+    """Return the image's path relative to ``mimic_dir``: the ``image_format`` file, or for ``"auto"`` the .jpg, else
+    the .dcm, whichever exists, decided per image (a tree may hold some images as .jpg, others as .dcm).
+
+    Raises FileNotFoundError naming every path tried.
+    """
     image_format = look_up_option(image_format, IMAGE_FORMATS)
-    if image_format != "auto" or rows.empty:
-        return "jpg" if image_format == "auto" else image_format
-    tried = []
-    for row in rows.head(20).itertuples():
-        for ext in ("jpg", "dcm"):
-            path = mimic_dir / relative_image_path(row.subject_id, row.study_id, row.dicom_id, ext)
-            if path.is_file():
-                return ext
-            tried.append(str(path))
-    raise FileNotFoundError(
-        f"no images found for the first listed dicom_ids (tried {tried[:2]} ...); "
-        "is mimic_dir the folder holding files/?"
-    )
+    paths = [relative_image_path(subject_id, study_id, dicom_id, ext)
+             for ext in (("jpg", "dcm") if image_format == "auto" else (image_format,))]
+    for path in paths:
+        if (Path(mimic_dir) / path).is_file():
+            return path
+    tried = [str(Path(mimic_dir) / path) for path in paths]
+    raise FileNotFoundError(f"chest X-ray image {dicom_id} not found: tried {tried}")
+
+
+def _listed_path(mimic_dir: Path, row) -> str:
+    """The image's path for :func:`image_table` with ``"auto"``: found per image; the .jpg when neither file exists
+    (then reported missing where it is read)."""
+    try:
+        return find_image(mimic_dir, row.subject_id, row.study_id, row.dicom_id)
+    except FileNotFoundError:
+        return relative_image_path(row.subject_id, row.study_id, row.dicom_id, "jpg")
+
+
+def select_views(rows: pd.DataFrame, views: Sequence[str] | None, source: str) -> pd.DataFrame:
+    """Return the rows whose ``view`` (ViewPosition) is one of ``views``; None keeps every row.
+
+    An empty ``views``, or one that matches none of the rows, raises a ValueError naming the option and the
+    views that ``source`` holds.
+    """
+    if views is None:
+        return rows
+    kept = rows[rows["view"].isin(list(views))]
+    if not len(views) or (kept.empty and len(rows)):
+        present = ", ".join(sorted(set(rows["view"]) - {""})) or "none"
+        raise ValueError(f"--views {list(views)} selects no image: the views (ViewPosition) in {source} are {present}; "
+                         "pass a list of them, e.g. --views \"[PA, AP]\" (the frontal views), or --views None for all")
+    return kept
 
 
 def image_table(
@@ -186,8 +214,9 @@ def image_table(
 ) -> pd.DataFrame:
     """Return one row per selected image: dicom_id, subject_id, study_id, view, split, path (relative).
 
-    Joins the metadata and split tables on dicom_id; ``views`` filters ViewPosition (None: all views),
-    ``split`` is train | val | validate | test | all; excluded images and subjects are dropped.
+    Joins the metadata and split tables on dicom_id; ``views`` filters ViewPosition (:func:`select_views`),
+    ``split`` is train | val | validate | test | all; excluded images and subjects are dropped. With
+    ``image_format="auto"`` each image is looked for as .jpg, then .dcm (:func:`find_image`).
     """
     mimic_dir = Path(mimic_dir)
     meta = read_metadata(mimic_dir)
@@ -197,17 +226,20 @@ def image_table(
         n_missing = int(df["split"].isna().sum())
         logger.warning("%d images of %s have no split row and are left out", n_missing, METADATA_FILE)
         df = df[df["split"].notna()]
-    df = df.rename(columns={"ViewPosition": "view"})
-    if views:
-        df = df[df["view"].isin(list(views))]
+    df = select_views(df.rename(columns={"ViewPosition": "view"}), views, METADATA_FILE)
     split_name = _resolve_split(split)
     if split_name != "all":
         df = df[df["split"] == split_name]
     df = df[~df["dicom_id"].isin({str(d) for d in exclude_dicom_ids})]
     df = df[~df["subject_id"].isin({str(s).lstrip("p") for s in exclude_subjects})]
     df = df[["dicom_id", "subject_id", "study_id", "view", "split"]].reset_index(drop=True)
-    ext = _detect_format(mimic_dir, df, image_format)
-    df["path"] = [relative_image_path(r.subject_id, r.study_id, r.dicom_id, ext) for r in df.itertuples()]
+    if look_up_option(image_format, IMAGE_FORMATS) != "auto":
+        df["path"] = [relative_image_path(r.subject_id, r.study_id, r.dicom_id, image_format) for r in df.itertuples()]
+        return df
+    df["path"] = [_listed_path(mimic_dir, r) for r in df.itertuples()]
+    if len(df) and not any((mimic_dir / path).is_file() for path in df["path"]):
+        raise FileNotFoundError(f"none of the {len(df)} listed images is under {mimic_dir / 'files'} as .jpg or .dcm "
+                                f"(first tried: {mimic_dir / df['path'][0]}); is mimic_dir the folder holding files/?")
     return df
 
 
@@ -252,13 +284,11 @@ class MimicCXRDataset(torch.utils.data.Dataset):
         if index_csv is None:
             self.rows = image_table(mimic_dir, split, views, exclude_dicom_ids, exclude_subjects, image_format)
         else:
-            rows = read_index(index_csv)
+            rows = select_views(read_index(index_csv), views, str(index_csv))
             split_name = _resolve_split(split)
             keep = ~rows["dicom_id"].isin(exclude_dicom_ids) & ~rows["subject_id"].isin(exclude_subjects)
             if split_name != "all":
                 keep &= rows["split"] == split_name
-            if views:
-                keep &= rows["view"].isin(list(views))
             self.rows = rows[keep].reset_index(drop=True)
 
     def __len__(self) -> int:
@@ -328,7 +358,7 @@ def build_index(
     prompts = _study_prompts(rows, reports_dir, problem)
     bad_images = _unusable_images(rows, mimic_dir, check_images, num_workers, problem)
     keys = list(zip(rows["subject_id"], rows["study_id"]))
-    keep = [key in prompts and path not in bad_images for key, path in zip(keys, rows["path"])]
+    keep = np.array([key in prompts and path not in bad_images for key, path in zip(keys, rows["path"])], dtype=bool)
     index = rows[keep].reset_index(drop=True)
     index["prompt"] = [prompts[key][0] for key, ok in zip(keys, keep) if ok]
     index["prompt_source"] = [prompts[key][1] for key, ok in zip(keys, keep) if ok]

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from monai.utils import look_up_option
 
-from foba_med.mimic import load_cxr_image, read_report, relative_image_path
+from foba_med.mimic import IMAGE_FORMATS, find_image, load_cxr_image, read_report
 from foba_med.reports import choose_prompt
 from foba_med.vocabulary import category_name
 
@@ -127,18 +127,6 @@ def group_findings(df: pd.DataFrame) -> list[Finding]:
     return findings
 
 
-def _find_image(mimic_dir: Path, finding: Finding, image_format: str) -> Path:
-    """The finding's image in the MIMIC tree; MS-CXR's path extension may differ from the local release."""
-    formats = ("jpg", "dcm") if image_format == "auto" else (image_format,)
-    tried = []
-    for ext in formats:
-        path = mimic_dir / relative_image_path(finding.subject_id, finding.study_id, finding.dicom_id, ext)
-        if path.is_file():
-            return path
-        tried.append(str(path))
-    raise FileNotFoundError(f"MS-CXR image {finding.dicom_id} not found: tried {tried}")
-
-
 class MSCXRDataset(torch.utils.data.Dataset):
     """MS-CXR findings with their images and union box masks, at original resolution.
 
@@ -164,7 +152,7 @@ class MSCXRDataset(torch.utils.data.Dataset):
         self.mimic_dir = Path(mimic_dir)
         self.reports_dir = Path(reports_dir) if reports_dir is not None else self.mimic_dir
         self.prompt = look_up_option(prompt, ("label_text", "impression"))
-        self.image_format = look_up_option(image_format, ("auto", "jpg", "dcm"))
+        self.image_format = look_up_option(image_format, IMAGE_FORMATS)
         self.transform = transform
         df = read_ms_cxr(csv_path)
         split = _SPLIT_ALIASES[look_up_option(split, tuple(_SPLIT_ALIASES))]
@@ -177,9 +165,14 @@ class MSCXRDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.findings)
 
+    def image_path(self, finding: Finding) -> str:
+        """Return the finding's image path relative to ``mimic_dir`` (:func:`foba_med.mimic.find_image`: MS-CXR's
+        path extension may differ from the local release); FileNotFoundError naming the paths tried."""
+        return find_image(self.mimic_dir, finding.subject_id, finding.study_id, finding.dicom_id, self.image_format)
+
     def __getitem__(self, index: int) -> dict:
         finding = self.findings[index]
-        path = _find_image(self.mimic_dir, finding, self.image_format)
+        path = self.mimic_dir / self.image_path(finding)
         image = torch.from_numpy(load_cxr_image(path))[None]  # (1, H, W)
         height, width = image.shape[-2:]
         boxes = finding.boxes

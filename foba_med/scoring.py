@@ -26,10 +26,11 @@ from foba_core.io import atomic_write
 from foba_core.masks import preliminary_masks, upsample_mask
 from foba_core.metrics import auc_roc, foreground_iou
 from foba_core.visualize import draw_boxes, heat_overlay, mask_overlay, save_grid, to_uint8
+from foba_med.mimic import CXRImageError
 
 PAPER_MEAN_AUC = 79.6  # % pixel AUC-ROC, mean over the eight MS-CXR findings (paper Sec. 4)
 GMM_COMPONENTS = (2, 3)
-STATUSES = ("scored", "one_class_mask", "no_disease_word", "missing")
+STATUSES = ("scored", "one_class_mask", "no_disease_word", "missing", "unreadable")
 METRIC_COLUMNS = ("auc_roc", "iou_gmm2", "iou_gmm3", "auc_centre_prior")  # per image; averaged per disease
 
 
@@ -75,10 +76,12 @@ class CXREvalWriter:
 
     Writes ``auc_per_disease.csv`` (category_name, n_images, auc_roc, auc_roc_std, iou_gmm2, iou_gmm3,
     auc_centre_prior, counts; a final ``mean`` row over the diseases), ``auc_per_disease.md`` (next to the
-    paper's 79.6), ``auc_per_token.csv``, ``per_image.csv`` and ``overlays/<disease>.png`` (image | M̂ | 2-GMM |
-    3-GMM, boxes drawn) for ``n_overlays`` images per disease; sets ``engine.state.metrics`` (flat keys) for
-    MLflow. Under torchrun (``multi_gpu_evaluate.yaml``) each process scores its contiguous shard and rank 0
-    gathers the rows and overlays in dataset order and writes them: the same files as a single-process run.
+    paper's 79.6), ``auc_per_token.csv``, ``per_image.csv`` (with a row, status and error for each finding whose
+    image is missing or cannot be decoded; nothing is written, and CXRImageError raised, when no image could be
+    decoded) and ``overlays/<disease>.png`` (image | M̂ | 2-GMM | 3-GMM, boxes drawn) for ``n_overlays`` images
+    per disease; sets ``engine.state.metrics`` (flat keys) for MLflow. Under torchrun (``multi_gpu_evaluate.yaml``)
+    each process scores its contiguous shard and rank 0 gathers the rows and overlays in dataset order and writes
+    them: the same files as a single-process run.
     """
 
     def __init__(self, output_dir: str, missing: list[dict] | None = None, n_overlays: int = 4, seed: int = 0,
@@ -99,8 +102,11 @@ class CXREvalWriter:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
 
     def update(self, records: list[dict]) -> None:
-        """Score one batch of records from :class:`CXREvalStep`."""
+        """Score one batch of records from :class:`CXREvalStep`; a record with a ``status`` (unread) is kept."""
         for rec in records:
+            if "status" in rec:
+                self.rows.append(dict(rec))
+                continue
             mask = rec["mask"]
             row = {k: rec[k] for k in ("id", "dicom_id", "category_name", "split", "prompt", "token_source")}
             row.update(tokens=" ".join(rec["tokens"]), mask_fraction=float(mask.float().mean()))
@@ -187,13 +193,20 @@ class CXREvalWriter:
         """
         if not self.gather():
             return {}
+        unreadable = [r for r in self.rows if r["status"] == "unreadable"]
+        if unreadable and all(r["status"] in ("missing", "unreadable") for r in self.rows):
+            folder = os.path.commonpath([os.path.dirname(r["path"]) for r in unreadable])
+            n_images = len({r["dicom_id"] for r in unreadable})
+            raise CXRImageError(f"nothing to score: all {n_images} MS-CXR images on disk under {folder} cannot be "
+                                f"decoded ({len(unreadable)} findings; {len(self.missing)} more have no image), e.g. "
+                                f"{unreadable[0]['error']}")
         os.makedirs(self.output_dir, exist_ok=True)
         per_disease, per_token, per_image = self.tables()
         out = Path(self.output_dir)
         atomic_write(out / "auc_per_disease.csv", lambda p: per_disease.to_csv(p, index=False))
         atomic_write(out / "auc_per_token.csv", lambda p: per_token.to_csv(p, index=False))
         atomic_write(out / "per_image.csv", lambda p: per_image.to_csv(p, index=False))
-        text = markdown_report(per_disease, per_token, self.settings)
+        text = markdown_report(per_disease, per_token, per_image, self.settings)
         atomic_write(out / "auc_per_disease.md", lambda p: p.write_text(text, encoding="utf-8"))
         titles = ["image + boxes", "heat map M^", "M_pre 2-GMM", "M_pre 3-GMM"]
         for category, rows in self.overlays.items():
@@ -209,8 +222,10 @@ def _pct(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
 
 
-def markdown_report(per_disease: pd.DataFrame, per_token: pd.DataFrame, settings: dict | None = None) -> str:
-    """Return the Markdown report: per-disease AUC-ROC (%) and GMM IoUs next to the paper's 79.6 % mean."""
+def markdown_report(per_disease: pd.DataFrame, per_token: pd.DataFrame, per_image: pd.DataFrame,
+                    settings: dict | None = None) -> str:
+    """Return the Markdown report: per-disease AUC-ROC (%) and GMM IoUs next to the paper's 79.6 % mean, and the
+    findings left out because their image is missing or cannot be decoded."""
     lines = ["# MS-CXR disease localisation: pixel AUC-ROC of the finding's attention", ""]
     if settings:
         lines += [", ".join(f"{k}: `{v}`" for k, v in settings.items()), ""]
@@ -230,6 +245,11 @@ def markdown_report(per_disease: pd.DataFrame, per_token: pd.DataFrame, settings
               "where the boxes lie."]
     if missing:
         lines += ["", f"{missing} finding(s) left out because their image is missing on disk (see per_image.csv)."]
+    unreadable = per_image[per_image["status"] == "unreadable"]
+    if len(unreadable):
+        names = sorted(set(unreadable["dicom_id"]))
+        lines += ["", f"{len(unreadable)} finding(s) left out because their image cannot be decoded: {len(names)} "
+                  f"image(s), {', '.join(names)} (see per_image.csv)."]
     if len(per_token):
         lines += ["", "## Per sub-token AUC-ROC (%)", "", "| finding | token | images | AUC-ROC (%) |",
                   "|---|---|---:|---:|"]

@@ -19,6 +19,7 @@ from foba_med.evaluate import (
     open_findings,
     prepare_item,
 )
+from foba_med.mimic import CXRImageError
 from foba_med.ms_cxr import MS_CXR_FILE, box_mask
 from foba_med.scoring import CXREvalWriter, centre_prior, min_max, score_finding
 
@@ -182,6 +183,47 @@ def test_missing_images_are_counted_and_fatal_only_when_all_are_missing(phantom,
     shutil.rmtree(mimic / "files")
     with pytest.raises(FileNotFoundError, match="none of the"):
         open_findings(str(mimic / MS_CXR_FILE), str(mimic))
+
+
+def _evaluate(pipe, findings, output_dir):
+    """Run the evaluation's step and writer over ``findings`` (what evaluate.yaml's Evaluator does); return metrics."""
+    step, writer = CXREvalStep(pipe, timesteps=[101]), CXREvalWriter(str(output_dir), findings.missing, n_overlays=1)
+    for batch in torch.utils.data.DataLoader(findings.dataset, batch_size=4, collate_fn=lambda items: items):
+        writer.update(step(None, batch)["records"])
+    return writer.write()
+
+
+def test_unreadable_images_are_counted_and_fatal_only_when_none_is_readable(phantom, tiny_pipe, tmp_path, caplog):
+    import re
+    import shutil
+
+    mimic = tmp_path / "mimic"
+    shutil.copytree(phantom, mimic)
+    findings = open_findings(str(mimic / MS_CXR_FILE), str(mimic))
+    all_findings = findings.dataset.dataset.findings
+    first = all_findings[0]
+    broken = next(mimic.glob(f"files/**/{first.dicom_id}.jpg"))
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    n_broken = sum(f.dicom_id == first.dicom_id for f in all_findings)
+    with caplog.at_level("WARNING"):
+        metrics = _evaluate(tiny_pipe, findings, tmp_path / "out")
+    assert str(broken) in caplog.text  # the warning names the file
+    per_image = pd.read_csv(tmp_path / "out" / "per_image.csv")
+    unreadable = per_image[per_image["status"] == "unreadable"]
+    assert len(per_image) == len(all_findings) and len(unreadable) == n_broken
+    assert set(unreadable["dicom_id"]) == {first.dicom_id} and set(unreadable["path"]) == {str(broken)}
+    assert unreadable["error"].str.contains(broken.name).all() and (per_image["status"] == "scored").any()
+    mean = pd.read_csv(tmp_path / "out" / "auc_per_disease.csv").iloc[-1]
+    assert mean["n_unreadable"] == n_broken == metrics["n_unreadable"]
+    report = (tmp_path / "out" / "auc_per_disease.md").read_text()
+    assert f"{n_broken} finding(s) left out because their image cannot be decoded: 1 image(s), {first.dicom_id}" \
+        in report
+    for path in mimic.glob("files/**/*.jpg"):  # every image truncated
+        path.write_bytes(path.read_bytes()[:300])
+    n_images = len({f.dicom_id for f in all_findings})
+    with pytest.raises(CXRImageError, match=f"all {n_images} MS-CXR images on disk under {re.escape(str(mimic))}"):
+        _evaluate(tiny_pipe, open_findings(str(mimic / MS_CXR_FILE), str(mimic)), tmp_path / "none")
+    assert not (tmp_path / "none").exists()
 
 
 def test_missing_model_names_the_train_command(tmp_path):

@@ -516,6 +516,33 @@ def test_cub_wrong_index_files_name_the_file_and_line(tmp_path):
         CUB200(tmp_path, split="train")[1]
 
 
+def test_non_finite_box_coordinates_name_the_file_and_the_line_or_item(tmp_path):
+    base = make_cub(tmp_path / "cub")
+    good = (base / "bounding_boxes.txt").read_text()
+    (base / "bounding_boxes.txt").write_text(good.replace("5.0 5.0", "5.0 inf"))
+    with pytest.raises(ValueError, match=r"bounding_boxes\.txt, line 2: 'inf' is not a finite number"):
+        CUB200(base.parent)
+    dogs = make_dogs(tmp_path / "dogs")
+    folder, stem, _, _, boxes = DOG_ITEMS[1]
+    xml = voc_xml(stem, "Chihuahua", boxes).decode().replace("<xmax>38</xmax>", "<xmax>inf</xmax>")
+    (dogs / "Annotation" / folder / stem).write_text(xml)
+    with pytest.raises(ValueError, match=rf"{stem}: box 2 of 2 \[25.0, 6.0, inf, 22.0\] has a coordinate that is not"):
+        StanfordDogs(dogs, split="test")[0]
+    cars = make_cars(tmp_path / "cars")
+    annotations = annotations_struct(CAR_ITEMS["train"])
+    annotations[0, 1]["bbox_y2"] = np.array([[np.nan]])
+    scipy.io.savemat(cars / "devkit" / "cars_train_annos.mat", {"annotations": annotations})
+    with pytest.raises(ValueError, match=r"cars_train_annos\.mat: 00002\.jpg: box 1 of 1 \[4.0, 5.0, 38.0, nan\]"):
+        StanfordCars(cars, split="train")
+    h36m = tmp_path / "h36m"
+    h36m.mkdir()
+    row = {"id": "S1_Walking-1_54138969_000000", "subject": "S1", "action": "Walking 1", "camera": "54138969",
+           "frame": 0, "split": "test", "x1": 4, "y1": 6, "x2": "inf", "y2": 28, "image": "images/a.jpg", "mask": ""}
+    pd.DataFrame([row]).to_csv(h36m / "index.csv", index=False)
+    with pytest.raises(ValueError, match=r"index\.csv, line 2: x2 = 'inf' is not a finite number"):
+        Human36M(h36m)
+
+
 def test_cub_boxes_are_clipped_and_segmentations_may_sit_inside(tmp_path):
     base = make_cub(tmp_path)
     (tmp_path / "segmentations").rename(base / "segmentations")

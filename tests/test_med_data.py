@@ -35,6 +35,7 @@ from foba_med.ms_cxr import (
 from foba_med.phantom import write_phantom_mimic
 from foba_med.phantom_drawing import PhantomFinding, render_frontal
 from foba_med.reports import choose_prompt, parse_sections, truncate_prompts
+from foba_med.train import prepare_index
 from foba_med.vocabulary import CATEGORIES, DISEASE_TERMS, category_name, find_disease_words
 
 # ----------------------------------------------------------------------------------------------- reports
@@ -337,6 +338,18 @@ def test_build_index_collects_problems_and_matches_dataset(jpg_tree, tmp_path):
     assert from_index[0]["caption"] == MimicCXRDataset(root, "all", reports_dir=reports)[0]["caption"]
 
 
+def test_an_empty_or_unmatched_view_selection_names_the_option_and_the_views(jpg_tree, tmp_path):
+    root, reports = jpg_tree
+    for views in ([], ["pa"]):  # the index preparation (prepare.yaml): a ValueError, not pandas' KeyError
+        with pytest.raises(ValueError, match=r"--views .* in mimic-cxr-2\.0\.0-metadata\.csv are AP, LATERAL, PA"):
+            prepare_index(root, tmp_path / "index.csv", views=views, reports_dir=reports)
+    prepare_index(root, tmp_path / "index.csv", reports_dir=reports)
+    with pytest.raises(ValueError, match=r"--views \[\] .*index\.csv are AP, PA"):  # the training dataset
+        MimicCXRDataset(root, "train", views=[], index_csv=tmp_path / "index.csv")
+    index, _ = build_index(root, tmp_path / "empty.csv", exclude_subjects=SUBJECTS, reports_dir=reports)
+    assert index.empty and list(index.columns) == list(read_index(tmp_path / "empty.csv").columns)  # all held out
+
+
 def test_corrupt_images_raise_errors_naming_the_file(tmp_path):
     bad_jpg = tmp_path / "broken.jpg"
     bad_jpg.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -438,6 +451,31 @@ def test_dicom_tree_dataset_auto_detects_dcm(tmp_path):
         h, w = item["image"].shape[1:]
         # MONOCHROME1 is inverted on load: the square is bright in both photometric interpretations
         assert item["image"][0, : h // 4, : w // 4].mean() > 0.9 > item["image"][0, h // 2:, w // 2:].mean()
+
+
+def test_auto_format_is_decided_per_image_in_a_tree_of_jpg_and_dcm_files(tmp_path):
+    rows = _image_rows()
+    _write_tables(tmp_path, rows)
+    _write_reports(tmp_path, rows)
+    for k, (s, t, d, v, h, w) in enumerate(rows):  # the first image a .jpg, the second a .dcm, ...
+        if k % 2:
+            _write_dicom(tmp_path / relative_image_path(s, t, d, "dcm"), _pattern(h, w, k).astype(np.int64) * 16,
+                         bits_stored=12)
+        else:
+            path = tmp_path / relative_image_path(s, t, d, "jpg")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_pattern(h, w, k)).save(path, quality=95)
+    index, problems = build_index(tmp_path, tmp_path / "index.csv", views=None)
+    assert problems == [] and [Path(p).suffix for p in index["path"]] == [".jpg", ".dcm"] * 3
+    items = list(MimicCXRDataset(tmp_path, "all", views=None))
+    assert [Path(item["path"]).suffix for item in items] == [".jpg", ".dcm"] * 3
+    for item in items:  # both formats decoded: the bright square of _pattern
+        h, w = item["image"].shape[1:]
+        assert item["image"][0, : h // 4, : w // 4].mean() > 0.9 > item["image"][0, h // 2:, w // 2:].mean()
+    for path in [*tmp_path.glob("files/**/*.jpg"), *tmp_path.glob("files/**/*.dcm")]:
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match="as .jpg or .dcm.*folder holding files/"):
+        MimicCXRDataset(tmp_path, "all")
 
 
 # ------------------------------------------------------------------------------------------------ MS-CXR

@@ -113,6 +113,20 @@ def test_single_file_with_original_yaml(saved, tmp_path):
     assert str(file) in str(err.value)
 
 
+def test_single_file_hint_names_the_configs_option(tmp_path):
+    import re
+
+    file = tmp_path / "weights.safetensors"
+    file.write_bytes(b"")  # refused before it is read: weights without configs
+    with pytest.raises(ValueError, match="config=") as err:
+        load_pipeline(file)
+    option = re.search(r"CLI: --(\w+)", str(err.value)).group(1)
+    root = Path(__file__).resolve().parent.parent
+    texts = [p.read_text() for p in [*root.glob("bundles/*/configs/*.yaml"), *root.glob("configs/**/*.yaml")]]
+    keys = {k for text in texts for k in re.findall(r"load_pipeline\([^)]*\bconfig=@(\w+)", text)}
+    assert keys == {option} == {"pretrained_config"}  # the key the configs hand to load_pipeline(config=...)
+
+
 def test_foba_json_of_a_folder_and_of_a_single_files_config(tmp_path):
     toy = tmp_path / "toy_ldm"
     save_tiny_sd(toy, seed=3, text_attention_mask=True)

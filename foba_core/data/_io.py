@@ -105,6 +105,17 @@ def mask_array(im: Image.Image) -> np.ndarray:
     return np.asarray(_uint8(im).convert("L"), dtype=np.uint8)
 
 
+def finite_boxes(boxes, where: str) -> np.ndarray:
+    """Return ``boxes`` as float (N, 4); a box with an inf or nan coordinate raises a ValueError naming ``where``
+    (the annotation file or item) and the box."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    bad = np.flatnonzero(~np.isfinite(boxes).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{where}: box {bad[0] + 1} of {len(boxes)} {boxes[bad[0]].tolist()} has a coordinate that "
+                         "is not finite (inf or nan); expected pixel coordinates")
+    return boxes
+
+
 def boxes_to_pixels(boxes: np.ndarray, height: int, width: int) -> torch.Tensor:
     """Return float boxes (N, 4) as int64 pixel boxes: x1, y1 floored, x2, y2 ceiled, clipped to the image."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from foba_core.data._io import (
-    RecordDataset, check_split, load_mat, mat_number, mat_string, mat_strings, mat_struct_rows,
+    RecordDataset, check_split, finite_boxes, load_mat, mat_number, mat_string, mat_strings, mat_struct_rows,
 )
 from foba_core.prompts import object_prompt
 
@@ -43,9 +43,10 @@ _ANNOS_FIELDS = ("relative_im_path", *_BOX_FIELDS, "class", "test")
 _WHAT = "a Stanford Cars annotation file (MATLAB struct array 'annotations')"
 
 
-def _box(row: dict) -> list[float]:
-    """The 0-based, exclusive-end box of one annotation row (MATLAB 1-based inclusive pixel indices)."""
-    x1, y1, x2, y2 = (mat_number(row[k]) for k in _BOX_FIELDS)
+def _box(row: dict, name: str) -> list[float]:
+    """The 0-based, exclusive-end box of the annotation row of image ``name`` (MATLAB 1-based inclusive pixel
+    indices); a coordinate that is not finite raises, naming the image."""
+    x1, y1, x2, y2 = finite_boxes([[mat_number(row[k]) for k in _BOX_FIELDS]], name)[0]
     return [x1 - 1.0, y1 - 1.0, x2, y2]
 
 
@@ -59,7 +60,8 @@ def read_annotations(path: Path) -> list[dict]:
     rows = []
     try:
         for a in mat_struct_rows(mat["annotations"], _ANNOTATION_FIELDS, path, "annotations"):
-            rows.append({"box": _box(a), "class": int(mat_number(a["class"])), "fname": mat_string(a["fname"])})
+            fname = mat_string(a["fname"])
+            rows.append({"box": _box(a, fname), "class": int(mat_number(a["class"])), "fname": fname})
     except ValueError as err:
         raise ValueError(f"{path}: {err}; expected {_WHAT} with fields {list(_ANNOTATION_FIELDS)}") from err
     return rows
@@ -165,7 +167,7 @@ class StanfordCars(RecordDataset):
                     "id": Path(relative).stem,
                     "label": class_names[cls - 1],
                     "class_id": cls,
-                    "boxes": np.array([_box(a)]),
+                    "boxes": np.array([_box(a, relative)]),
                 })
         except ValueError as err:
             if str(path) in str(err):

@@ -70,12 +70,14 @@ def _read_table(path: Path, columns: list[str], what: str) -> pd.DataFrame:
 
 
 def _numbers(table: pd.DataFrame, columns: list[str], path: Path, what: str) -> pd.DataFrame:
-    """Return ``table`` with ``columns`` as floats; a cell that is not a number raises, naming file and line."""
+    """Return ``table`` with ``columns`` as floats; a cell that is not a finite number raises, naming file and line."""
     for column in columns:
         values = pd.to_numeric(table[column], errors="coerce")
-        if values.isna().any():
-            row = int(np.flatnonzero(values.isna().to_numpy())[0])
-            raise ValueError(f"{path}, line {row + 1}: {table[column].iloc[row]!r} is not a number; expected {what}")
+        bad = ~np.isfinite(values.to_numpy(dtype=np.float64))  # nan (not a number) or inf
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{path}, line {row + 1}: {table[column].iloc[row]!r} is not a finite number; "
+                             f"expected {what}")
         table[column] = values.astype(np.float64)
     return table
 

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from foba_core.data._io import RecordDataset, check_split, load_mat, mat_numbers, mat_strings, require_file
+from foba_core.data._io import (
+    RecordDataset, check_split, finite_boxes, load_mat, mat_numbers, mat_strings, require_file,
+)
 from foba_core.prompts import object_prompt
 
 _LIST_FIELDS = ("file_list", "annotation_list", "labels")
@@ -54,7 +56,7 @@ def read_voc_annotation(path: Path) -> tuple[np.ndarray, tuple[int, int] | None]
         raise ValueError(f"{path}: expected {_XML} ({err})") from err
     if not boxes:
         raise ValueError(f"{path} has no <object> with a <bndbox>; expected {_XML}")
-    boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    boxes = finite_boxes(boxes, str(path))
     if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
         raise ValueError(f"{path}: a <bndbox> has xmax < xmin or ymax < ymin")
     boxes[:, :2] -= 1.0  # 1-based inclusive -> 0-based; inclusive max == exclusive end after the shift

@@ -50,10 +50,11 @@ class Human36M(RecordDataset):
         if missing:
             raise ValueError(f"{index} lacks the columns {missing}; expected {INDEX_COLUMNS}")
         for column in ("x1", "y1", "x2", "y2", "frame"):
-            bad = pd.to_numeric(table[column], errors="coerce").isna()
+            bad = ~np.isfinite(pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64))  # nan or inf
             if bad.any():
-                line = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # + the header line, 1-based
-                raise ValueError(f"{index}, line {line}: {column} = {table[column][bad].iloc[0]!r} is not a number")
+                line = int(np.flatnonzero(bad)[0]) + 2  # + the header line, 1-based
+                raise ValueError(f"{index}, line {line}: {column} = {table[column][bad].iloc[0]!r} is not a finite "
+                                 "number")
         if split != "all":
             table = table[table["split"] == split]
         records = []
