@@ -210,6 +210,8 @@ class CXREvalWriter:
         atomic_write(out / "auc_per_disease.md", lambda p: p.write_text(text, encoding="utf-8"))
         titles = ["image + boxes", "heat map M^", "M_pre 2-GMM", "M_pre 3-GMM"]
         for category, rows in self.overlays.items():
+            if not rows:  # --n_overlays 0 (the length check above makes an empty entry per disease)
+                continue
             save_grid(rows, str(out / "overlays" / f"{slug(category)}.png"), column_titles=titles)
         metrics = self.metrics(per_disease)
         if engine is not None:

@@ -265,3 +265,12 @@ def test_bundle_runs_end_to_end_with_mlflow(phantom, tmp_path):
         wf.initialize()
     assert TRAIN_COMMAND in str(err.value.__cause__)
     assert not (tmp_path / "new").exists()
+
+
+def test_no_overlays_asked_for_writes_the_tables_and_no_overlay(phantom, tiny_pipe, tmp_path):
+    findings = open_findings(str(phantom / MS_CXR_FILE), str(phantom))
+    step, writer = CXREvalStep(tiny_pipe, timesteps=[101]), CXREvalWriter(str(tmp_path), findings.missing, n_overlays=0)
+    for batch in torch.utils.data.DataLoader(findings.dataset, batch_size=4, collate_fn=lambda items: items):
+        writer.update(step(None, batch)["records"])
+    writer.write()
+    assert (tmp_path / "auc_per_disease.csv").exists() and not list(tmp_path.glob("overlays/*.png"))
