@@ -7,6 +7,10 @@ would write now; a record with other settings or other upstream records empties 
 runs again. A stage interrupted midway keeps its folder (checkpoints, finished chunks) and resumes when
 rerun with the same settings. So a main job rerun with one changed setting reruns exactly the stages that
 depend on it, and says which it skipped.
+
+The standalone bundles (MIMIC-CXR train / evaluate / prepare, toy pretraining) write one output folder without
+stages; :func:`guard_folder` records their settings there (``settings.json``) and refuses a rerun into that folder
+with other settings, naming them, so that old and new outputs never mix.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from foba_core import distributed, tracking
 from foba_core.io import write_json
 
 RECORD = "stage.json"
+SETTINGS = "settings.json"
 
 
 def plain(value):
@@ -36,15 +41,56 @@ def plain(value):
     return str(value)
 
 
-def read_record(folder: str | os.PathLike) -> dict | None:
-    """Return the ``stage.json`` of a stage folder, None when there is none; an unreadable one names itself."""
-    path = Path(folder) / RECORD
+def _read_json(path: Path, fix: str) -> dict | None:
+    """Return the JSON record at ``path``, None when there is none; an unreadable one names itself and ``fix``."""
     if not path.exists():
         return None
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is unreadable ({err}); delete the folder {folder} to recompute that stage") from err
+        raise ValueError(f"{path} is unreadable ({err}); {fix}") from err
+
+
+def read_record(folder: str | os.PathLike) -> dict | None:
+    """Return the ``stage.json`` of a stage folder, None when there is none; an unreadable one names itself."""
+    return _read_json(Path(folder) / RECORD, f"delete the folder {folder} to recompute that stage")
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """Return one line ``key: old -> new`` per setting whose value differs between two sets of settings."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if a != b:
+            lines.append(f"{key}: {a!r} -> {b!r}")
+    return lines
+
+
+def guard_folder(folder: str | os.PathLike, settings: dict, outputs: Sequence[str] = (), record: bool = True) -> dict:
+    """Return ``settings`` as recorded in ``folder/settings.json``, refusing a folder that holds outputs of others.
+
+    ``settings`` are those that shape a standalone bundle's outputs (not progress bars, tracking, logging, worker
+    counts or the device); ``outputs`` are the names, inside ``folder``, of what the bundle writes. Without a
+    ``settings.json`` the settings are recorded (with ``record``; ``record=False`` only compares, for a bundle that
+    checks more before it records). With one that differs, a FileExistsError names each changed setting
+    (``--lr: 0.0005 -> 0.001``) and the outputs found, to be deleted, or another --output_dir to be passed; when
+    none of the outputs exists (an earlier run stopped before writing any) nothing can mix and the new settings
+    replace the old ones.
+    """
+    folder, new = Path(folder), plain(settings)
+    path = folder / SETTINGS
+    old = _read_json(path, f"delete it, or pass another --output_dir than {folder}")
+    if old is not None and old != new:
+        found = [name for name in outputs if (folder / name).exists()]
+        if found:
+            changes = "\n".join(f"  --{line}" for line in changed_settings(old, new))
+            raise FileExistsError(
+                f"{folder} holds the outputs of other settings (recorded in {path}):\n{changes}\nA rerun into it "
+                f"would mix old and new outputs: delete {', '.join(found + [SETTINGS])} in {folder}, or pass "
+                "another --output_dir")
+    if record and old != new:
+        write_json(new, path)
+    return new
 
 
 def _digest(record: dict) -> str:
@@ -95,13 +141,8 @@ class Stage:
 
     def changes(self, old: dict, new: dict) -> list[str]:
         """Return one line per setting or upstream stage whose value differs between two records."""
-        lines = []
-        for key in sorted(set(old["settings"]) | set(new["settings"])):
-            a, b = old["settings"].get(key, "<unset>"), new["settings"].get(key, "<unset>")
-            if a != b:
-                lines.append(f"{key}: {a!r} -> {b!r}")
-        lines += [f"upstream stage {n} changed" for n in new["needs"] if old["needs"].get(n) != new["needs"][n]]
-        return lines
+        return changed_settings(old["settings"], new["settings"]) + [
+            f"upstream stage {n} changed" for n in new["needs"] if old["needs"].get(n) != new["needs"][n]]
 
     def run(self) -> Stage:
         """Skip the stage if its outputs are current, else (re)compute them; return the stage."""

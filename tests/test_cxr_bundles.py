@@ -1,9 +1,11 @@
-"""foba_cxr bundles: prepare (broken files named), training set, fine-tuning (loss, MLflow, resume), paper.yaml."""
+"""foba_cxr bundles: prepare (broken files named), training set, fine-tuning (loss, MLflow, resume), paper.yaml; settings
+checked before anything is built, and reruns into one output folder with other settings refused."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import types
 
 import numpy as np
@@ -41,6 +43,30 @@ def _workflow(config, workflow_type="train", **overrides):
                         **{k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in overrides.items()})
     wf.initialize()
     return wf
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The error of a check or guard under the RuntimeErrors that MONAI wraps it in."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_steps": 0}, r"--max_steps must be an integer >= 1, got 0$"),
+    ({"max_steps": -3}, r"--max_steps must be an integer >= 1, got -3$"),
+    ({"caption_dropout": 1.5}, r"--caption_dropout must be a number in \[0, 1\], got 1.5$"),
+    ({"views": []}, r"--views must be a non-empty list"),
+    ({"batch_size": 1000}, r"--batch_size 1000 is larger than the \d+ training images: every batch would hold some "
+                           r"images twice; pass --batch_size \d+ or less, or point to the full data set$"),
+])
+def test_training_settings_are_checked_before_the_trainer_is_built(phantom, tiny_sd, tmp_path, overrides, message):
+    out = tmp_path / "train"
+    with pytest.raises(RuntimeError) as err:
+        _workflow(TRAIN, **{"mimic_dir": phantom, "pretrained": tiny_sd, "output_dir": out, "max_steps": 1,
+                            "batch_size": 2, **overrides})
+    assert re.match(message, str(_root_cause(err.value))), str(_root_cause(err.value))
+    assert not (out / "model").exists() and not (out / "checkpoints").exists() and not (out / "settings.json").exists()
 
 
 def test_prepare_indexes_every_readable_image_and_names_the_broken_files(phantom, tmp_path, capsys):
@@ -142,6 +168,43 @@ def test_gradient_clipping_waits_for_the_accumulated_gradient():
         assert param.grad.norm().item() == pytest.approx(1.0 if steps[-1] else np.sqrt(300))
     assert steps == [False, False, True, False, False, True, True]  # MONAI flushes at the end of the epoch
     assert effective_batch(16, 16) == 256
+
+
+def test_a_prepare_rerun_with_other_settings_is_refused(phantom, tmp_path):
+    settings = dict(mimic_dir=phantom, output_dir=tmp_path, num_workers=1)
+    _workflow(PREPARE, "infer", **settings).run()
+    with pytest.raises(RuntimeError) as err:
+        _workflow(PREPARE, "infer", **settings, views=["PA"])
+    assert "  --views: ['PA', 'AP'] -> ['PA']\n" in str(_root_cause(err.value))
+    assert f"delete index.csv, settings.json in {tmp_path}" in str(_root_cause(err.value))
+
+
+@pytest.mark.slow
+def test_a_training_rerun_with_other_settings_is_refused_and_one_with_the_same_proceeds(phantom, tiny_sd, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "train"
+    settings = dict(mimic_dir=phantom, pretrained=tiny_sd, output_dir=out, max_steps=1, batch_size=2, warmup_steps=1)
+    with pytest.raises(RuntimeError):  # the data does not fit: nothing is recorded, so the fix below is no change
+        _workflow(TRAIN, **{**settings, "batch_size": 1000})
+    wf = _workflow(TRAIN, **settings)
+    wf.run()
+    wf.finalize()
+    assert json.loads((out / "settings.json").read_text())["lr"] == 0.0005 and (out / "model").is_dir()
+
+    with pytest.raises(RuntimeError) as err:
+        _workflow(TRAIN, **{**settings, "lr": 0.001})
+    assert str(_root_cause(err.value)) == (
+        f"{out} holds the outputs of other settings (recorded in {out / 'settings.json'}):\n  --lr: 0.0005 -> 0.001\n"
+        f"A rerun into it would mix old and new outputs: delete index.csv, checkpoints, train_log.json, model, "
+        f"settings.json in {out}, or pass another --output_dir")
+
+    capsys.readouterr()
+    wf = _workflow(TRAIN, **settings, log_interval=1, num_workers=1, tracking="mlflow")  # nothing the result depends on
+    wf.run()
+    assert "training already finished at iteration 1" in capsys.readouterr().out
+    wf = _workflow(TRAIN, **{**settings, "max_steps": 2})  # more steps: the finished run continues
+    wf.run()
+    assert wf.parser.get_parsed_content("train#trainer").state.iteration == 2
 
 
 def test_paper_override_has_the_papers_settings():

@@ -1,5 +1,6 @@
 """MS-CXR evaluation (foba_med.evaluate and .scoring, bundles/foba_cxr/configs/evaluate.yaml): box masks through
-the image's resize/crop, multi-token summation, pixel AUC-ROC, skipped and missing findings, the bundle end to end."""
+the image's resize/crop, multi-token summation, pixel AUC-ROC, skipped and missing findings, the bundle end to end,
+and a rerun into its output folder with other settings refused."""
 
 from pathlib import Path
 
@@ -274,3 +275,27 @@ def test_no_overlays_asked_for_writes_the_tables_and_no_overlay(phantom, tiny_pi
         writer.update(step(None, batch)["records"])
     writer.write()
     assert (tmp_path / "auc_per_disease.csv").exists() and not list(tmp_path.glob("overlays/*.png"))
+
+
+@pytest.mark.slow
+def test_an_evaluation_rerun_with_other_settings_is_refused(phantom, tmp_path):
+    from monai.bundle import ConfigWorkflow
+    from tiny_sd import save_tiny_sd
+
+    save_tiny_sd(tmp_path / "model", text_attention_mask=True)
+    out = tmp_path / "out"
+    settings = dict(mimic_dir=str(phantom), model_dir=str(tmp_path / "model"), output_dir=str(out), t0=1, n_overlays=1)
+    with pytest.raises(RuntimeError) as err:  # checked before the model is loaded
+        ConfigWorkflow(config_file=str(EVALUATE), workflow_type="infer", **{**settings, "split": "tset"}).initialize()
+    assert str(err.value.__cause__) == (
+        "--split must be one of train, val, test, all, got 'tset'; did you mean test?")
+    wf = ConfigWorkflow(config_file=str(EVALUATE), workflow_type="infer", **settings)
+    wf.initialize()
+    wf.run()
+    wf = ConfigWorkflow(config_file=str(EVALUATE), workflow_type="infer", **{**settings, "t0": 2})
+    with pytest.raises(RuntimeError) as err:
+        wf.initialize()
+    message = str(err.value.__cause__)
+    assert "  --t0: 1 -> 2\n" in message and message.endswith(
+        f"delete auc_per_disease.csv, auc_per_disease.md, auc_per_token.csv, per_image.csv, overlays, settings.json "
+        f"in {out}, or pass another --output_dir")

@@ -373,7 +373,7 @@ def test_two_process_training_writes_one_set_of_outputs(cxr_two_process_run):
     assert out.count("saved the fine-tuned model to") == 1
     assert sorted(os.listdir(folder / "checkpoints")) == ["checkpoint_final_iteration.pt", "checkpoint_iteration=2.pt"]
     assert sorted(p for p in os.listdir(folder) if not p.startswith("config_")) == [
-        "checkpoints", "index.csv", "mlruns.db", "model", "train_log.json"]
+        "checkpoints", "index.csv", "mlruns.db", "model", "settings.json", "train_log.json"]
     assert (folder / "model" / "unet").is_dir()
     log = json.loads((folder / "train_log.json").read_text())
     assert log["iterations"] == 2 and len(log["losses"]) == 2

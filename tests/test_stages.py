@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from foba_core.stages import RECORD, Stage, read_record, stage_seconds
+from foba_core.stages import RECORD, SETTINGS, Stage, changed_settings, guard_folder, read_record, stage_seconds
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 STAGE_FILES = [f"configs/stages/{s}.yaml" for s in ("stage1", "finetune", "refine", "segment", "guidance", "report")]
@@ -95,6 +95,34 @@ def test_settings_are_recorded_as_json(tmp_path):
     Stage("s", tmp_path, {"device": torch.device("cpu"), "sizes": (1, 2), "path": tmp_path}, work=lambda: None).run()
     record = json.loads((tmp_path / "s" / RECORD).read_text())
     assert record["settings"] == {"device": "cpu", "sizes": [1, 2], "path": str(tmp_path)}
+
+
+def test_changed_settings_name_old_and_new_values():
+    assert changed_settings({"lr": 0.0005, "seed": 0, "views": ["PA"]}, {"lr": 0.001, "seed": 0, "amp": True}) == [
+        "amp: '<unset>' -> True", "lr: 0.0005 -> 0.001", "views: ['PA'] -> '<unset>'"]
+
+
+def test_a_guarded_folder_records_its_settings_and_refuses_others_once_it_holds_outputs(tmp_path):
+    out = tmp_path / "out"
+    settings = {"lr": 0.0005, "views": ("PA", "AP"), "seed": 0}
+    assert guard_folder(out, settings, ["checkpoints", "model"], record=False) == {**settings, "views": ["PA", "AP"]}
+    assert not out.exists()  # record=False only compares
+    guard_folder(out, settings, ["checkpoints", "model"])
+    assert json.loads((out / SETTINGS).read_text()) == {"lr": 0.0005, "views": ["PA", "AP"], "seed": 0}
+    guard_folder(out, settings, ["checkpoints", "model"])  # the same settings: a rerun proceeds
+    guard_folder(out, {**settings, "lr": 0.001}, ["checkpoints", "model"])  # no outputs yet: nothing can mix
+    assert json.loads((out / SETTINGS).read_text())["lr"] == 0.001
+    (out / "checkpoints").mkdir()
+    with pytest.raises(FileExistsError) as err:
+        guard_folder(out, {**settings, "seed": 1}, ["checkpoints", "model"])
+    assert str(err.value) == (
+        f"{out} holds the outputs of other settings (recorded in {out / SETTINGS}):\n"
+        "  --lr: 0.001 -> 0.0005\n  --seed: 0 -> 1\n"
+        f"A rerun into it would mix old and new outputs: delete checkpoints, settings.json in {out}, or pass "
+        "another --output_dir")
+    (out / SETTINGS).write_text("{not json")
+    with pytest.raises(ValueError, match="settings.json is unreadable"):
+        guard_folder(out, settings)
 
 
 @pytest.mark.parametrize("dataset, bundle", [("toy", "foba_toy"), ("cub", "foba_natural"), ("dogs", "foba_natural")])

@@ -29,7 +29,17 @@ DATASETS = tuple(READERS)
 
 SUBSET_SEED = 0  # the random subset of --max_images depends on the split and N only, never on the run's seed
 
-__all__ = ["DATASETS", "READERS", "SUBSET_SEED", "open_dataset", "open_images"]
+__all__ = ["DATASETS", "READERS", "SUBSET_SEED", "is_generated", "open_dataset", "open_images"]
+
+
+def _reader(name: str):
+    module, cls = READERS[check_option(name, DATASETS, "dataset")]
+    return getattr(importlib.import_module(module), cls)
+
+
+def is_generated(name: str) -> bool:
+    """Return whether dataset ``name`` is generated (the toy world) rather than read from a folder."""
+    return bool(getattr(_reader(name), "generated", False))
 
 
 def open_dataset(name: str, root: str | Path | None, split: str = "test", **kwargs) -> Dataset:
@@ -40,9 +50,8 @@ def open_dataset(name: str, root: str | Path | None, split: str = "test", **kwar
     ``prepared_dir=`` for a raw Human3.6M copy, ``size=`` for the toy world). docs/datasets.md describes
     each dataset's layout.
     """
-    module, cls = READERS[check_option(name, DATASETS, "dataset")]
-    reader = getattr(importlib.import_module(module), cls)
-    if getattr(reader, "generated", False):
+    reader = _reader(name)
+    if is_generated(name):
         return reader(split=split, **kwargs)
     if root is None:
         raise ValueError(f"open_dataset({name!r}): root is None; pass the folder that holds the {name} files "
@@ -57,8 +66,7 @@ def open_images(dataset: str, root, split: str, n_images: int | None = None) -> 
     kept in the dataset's order, so every stage that opens the split with the same N sees the same images
     (None: all of them).
     """
-    module, cls = READERS[check_option(dataset, DATASETS, "dataset")]
-    if getattr(getattr(importlib.import_module(module), cls), "generated", False):
+    if is_generated(dataset):
         if n_images is None:
             raise ValueError(f"the {dataset} world is generated: pass the number of images (n_images / n_train / "
                              "n_test)")
