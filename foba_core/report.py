@@ -163,16 +163,19 @@ def collect_table3(runs: list[str], output_dir: str) -> list[dict]:
 
 
 def refinement_line(output_dir: str, n_images: int, settings: tuple) -> str:
-    """Return the results.md line on the refinement speed: seconds per image of inpainting + Eq. 5.
+    """Return the results.md lines on the refinement: which Eq. 5 made M, and its speed per image.
 
-    ``settings`` = (scheduler, steps, inpaintings per image, batch size, device).
+    ``settings`` = (scheduler, steps, inpaintings per image, where g is fitted, batch size, device).
     """
+    scheduler, steps, samples, fit, batch, device = settings
+    where = {"image": "the whole difference map (the paper)", "m_pre": "the difference map inside M_pre,up"}[fit]
+    method = (f"Refinement (Eq. 5): |x - x_hat| of {samples} inpainting(s) per image"
+              f"{' (the paper: 1)' if int(samples) != 1 else ''}, g fitted on {where}.")
     seconds = stage_seconds(output_dir, ["refine"]).get("refine")
     if seconds is None or not n_images:
-        return "Refinement throughput: not measured."
-    scheduler, steps, samples, batch, device = settings
-    return (f"Refinement throughput: {seconds / n_images:.3f} s per image ({n_images} images, {scheduler} with "
-            f"{steps} steps, {samples} inpainting(s) per image, batch {batch}, on {device}).")
+        return method + " Refinement throughput: not measured."
+    return (f"{method} Refinement throughput: {seconds / n_images:.3f} s per image ({n_images} images, {scheduler} "
+            f"with {steps} steps, batch {batch}, on {device}).")
 
 
 def write_report(output_dir: str, test, n_train: int, box_evaluation: bool, fid_parts: list[str],

@@ -157,7 +157,7 @@ def check_main_job(*, dataset, dataset_dir, pretrained, pretrained_config, split
                    stage1_batch_size, n_overlays, finetune_steps, finetune_batch_size, finetune_lr,
                    finetune_warmup_steps, p_inpaint, accumulation_steps, lr_drop_step, lr_drop_factor, max_grad_norm,
                    caption_dropout, checkpoint_interval, amp_dtype, scheduler, inference_steps, refine_samples,
-                   refine_gmm_fit, refine_batch_size, segment_steps, segment_batch_size, segment_lr, segment_crop,
+                   refine_gmm_fit, refine_batch_size, synthetic_stage1_model, segment_steps, segment_batch_size, segment_lr, segment_crop,
                    segment_size, n_synthetic, sample_batch_size, fid_samples, fid_ws, n_backgrounds,
                    chunk_size) -> None:
     """Check the main job's settings (configs/stages/*.yaml, configs/datasets/*.yaml) before any stage runs.
@@ -190,6 +190,7 @@ def check_main_job(*, dataset, dataset_dir, pretrained, pretrained_config, split
     integer(refine_samples, "refine_samples")
     choice(refine_gmm_fit, "refine_gmm_fit", ("image", "m_pre"))
     integer(refine_batch_size, "refine_batch_size")
+    choice(synthetic_stage1_model, "synthetic_stage1_model", ("base", "finetuned"))
     integer(segment_steps, "segment_steps")
     integer(segment_batch_size, "segment_batch_size")
     positive(segment_lr, "segment_lr")

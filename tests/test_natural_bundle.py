@@ -144,9 +144,15 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path,
         "test_0000000-0000001.safetensors", "train_0000000-0000002.safetensors"]
     for picture in ("mask_grid.png", "backgrounds.png", "guidance_strip.png", "table3.md", "results.md"):
         assert (cub / picture).is_file()
+    report = (cub / "results.md").read_text()
+    assert "Refinement (Eq. 5): |x - x_hat| of 1 inpainting(s) per image, g fitted on the whole difference map " \
+           "(the paper)." in report
     throughput = re.search(r"Refinement throughput: ([0-9.]+) s per image \((\d+) images, DDIMScheduler with (\d+) steps",
-                           (cub / "results.md").read_text())
+                           report)
     assert throughput and float(throughput[1]) > 0 and int(throughput[2]) == 3  # 2 train + 1 test images
+    fid = pd.read_csv(cub / "fid.csv")
+    guided = fid[fid["w"].notna()].set_index("w")
+    assert list(guided.index) == [1.0, 3.0, 7.5] and list(guided["paper_fid"]) == [9.8, 11.3, 22.3]
 
     records = {n: (cub / n / "stage.json").read_text() for n in os.listdir(cub) if (cub / n / "stage.json").exists()}
     out = _run("cub", capsys, **common)  # a rerun: every stage is read back, nothing recomputed
@@ -156,7 +162,7 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path,
     out = _run("cub", capsys, **common, refine_samples=2)  # one changed setting: exactly its dependants rerun
     rerun = sorted(re.findall(r"stage (\S+): rerun", out))
     assert rerun == ["refine", "synthetic", "unet_M", "unet_M_plus_synthetic"], out
-    assert "refine_samples: 4 -> 2" in out
+    assert "refine_samples: 1 -> 2" in out
     skipped = set(re.findall(r"stage (\S+): skipped", out))
     assert skipped == {"images", "stage1", "finetune", "crop", "unet_M_pre", "unet_supervised", "guidance"}
 
