@@ -9,6 +9,9 @@ A model folder may hold a ``foba.json`` next to ``model_index.json``; its ``text
 says whether the U-Net was trained to ignore EOS and padding tokens (the toy LDM is, real Stable
 Diffusion is not). ``encode_prompts`` returns that mask so that attention capture, fine-tuning
 and sampling call the U-Net the way it was trained.
+
+The tokenizer is always the fast (Rust) CLIP tokenizer, built by ``fast_tokenizer`` from the model's own
+tokenizer files: words are mapped to tokens through character offsets, which slow tokenizers lack.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -41,7 +45,8 @@ def load_pipeline(source, *, config=None, original_config=None, torch_dtype: tor
     The pipeline gets two attributes: ``text_attention_mask`` (bool, from ``foba.json``; False when
     absent) and ``foba_source`` (the resolved path it was loaded from). For a single file,
     ``config`` is a local diffusers folder to take the component configs from, ``original_config``
-    the original LDM yaml (U-Net and VAE architecture); ``foba.json`` is read from ``config``.
+    the original LDM yaml (U-Net and VAE architecture); ``foba.json`` and the tokenizer are read from
+    ``config``. The tokenizer is always a fast one (see ``fast_tokenizer``).
     """
     if isinstance(torch_dtype, str):  # config files may name the dtype: "float16", "bfloat16", ...
         torch_dtype = getattr(torch, torch_dtype, torch_dtype)
@@ -54,19 +59,52 @@ def load_pipeline(source, *, config=None, original_config=None, torch_dtype: tor
     if path.is_dir():
         pipe = _load_folder(path, torch_dtype)
         settings = read_foba_json(path)
+        tokenizer = path / "tokenizer"
     elif path.is_file():
         pipe = _load_single_file(path, config, original_config, torch_dtype)
         settings = read_foba_json(Path(config)) if config is not None else {}
+        # original_config alone: the CLIP tokenizer diffusers took from the Hugging Face cache
+        tokenizer = Path(config).expanduser() / "tokenizer" if config is not None else pipe.tokenizer
     else:
         raise FileNotFoundError(
             f"model source {str(source)!r} not found: expected a local diffusers SD folder or a "
             f"{'/'.join(SINGLE_FILE_SUFFIXES)} file (nothing is downloaded)"
         )
+    pipe.register_modules(tokenizer=fast_tokenizer(tokenizer))
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.text_attention_mask = settings.get("text_attention_mask", False)
     pipe.foba_source = str(path.resolve())
     return pipe
+
+
+def fast_tokenizer(source):
+    """Return the fast CLIP tokenizer of a tokenizer folder or of a loaded tokenizer (itself if already fast).
+
+    ``capture.token_indices`` maps words to their sub-tokens through character offsets
+    (``return_offsets_mapping``), which only fast (Rust) tokenizers return. transformers 4.x loads
+    the slow ``CLIPTokenizer`` that the ``model_index.json`` of every SD 1.x release names (and
+    cannot build it from a folder holding only tokenizer.json); in transformers 5 ``CLIPTokenizer``
+    is the fast class and ``CLIPTokenizerFast`` an alias of it. The fast tokenizer is built from the
+    same files: tokenizer.json, or vocab.json + merges.txt, with tokenizer_config.json (maximum
+    length, padding); a slow tokenizer is saved first to get them.
+    """
+    from transformers import CLIPTokenizerFast
+
+    if getattr(source, "is_fast", False):
+        return source
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(source, (str, os.PathLike)):
+            folder, name = Path(source), str(source)
+        else:
+            source.save_pretrained(tmp)
+            folder, name = Path(tmp), f"the slow {type(source).__name__}"
+        if not (folder / "tokenizer.json").is_file() and _missing(folder, ("vocab.json", "merges.txt")):
+            raise FileNotFoundError(
+                f"{name} has no CLIP tokenizer files (tokenizer.json, or vocab.json + merges.txt) to build the fast "
+                "tokenizer from, which mapping words to tokens needs; pass a model whose tokenizer/ folder holds them"
+            )
+        return CLIPTokenizerFast.from_pretrained(folder, local_files_only=True)
 
 
 def _missing(folder: Path, parts) -> list[str]:
@@ -82,8 +120,8 @@ def _load_folder(path: Path, torch_dtype):
             f"{path} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)} "
             f"(expected {', '.join(FOLDER_PARTS)})"
         )
-    return StableDiffusionPipeline.from_pretrained(
-        path, dtype=torch_dtype, local_files_only=True,
+    return StableDiffusionPipeline.from_pretrained(  # tokenizer=None: load_pipeline loads the fast one
+        path, dtype=torch_dtype, local_files_only=True, tokenizer=None,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -109,7 +147,7 @@ def _load_single_file(path: Path, config, original_config, torch_dtype):
                 f"config folder {config} for {path} lacks {', '.join(missing)} "
                 f"(expected {', '.join(CONFIG_FILES)}); {CONFIG_HINT}"
             )
-        kwargs["config"] = str(config)
+        kwargs.update(config=str(config), tokenizer=None)  # load_pipeline loads the fast tokenizer from config
     if original_config is not None:
         if not Path(original_config).is_file():
             raise FileNotFoundError(f"original_config {original_config} for {path} is not a file; "

@@ -1,13 +1,19 @@
 """Model loading: diffusers folders (the toy LDM among them), original single-file checkpoints, prompts, saving."""
 
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import regex
 import torch
+import transformers
+from tokenizers.pre_tokenizers import ByteLevel
 
-from foba_core.models import encode_prompts, load_pipeline, save_pipeline
+from foba_core.capture import token_indices
+from foba_core.models import encode_prompts, fast_tokenizer, load_pipeline, save_pipeline
 from tiny_sd import (save_original_checkpoint, save_original_config, save_tiny_sd, tiny_pipeline,
                      tiny_tokenizer)
 
@@ -251,3 +257,119 @@ def test_loaded_tiny_pipeline_generates(saved):
                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 3, size, size) and torch.isfinite(image).all()
     assert 0 <= image.min() and image.max() <= 1
+
+
+# CLIP's pre-tokenisation: special tokens, contractions, letter runs, single digits, other symbol runs.
+CLIP_WORDS = regex.compile(
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+TOKENIZER_PROMPTS = ["a photo of a bird", "A Photo of a DOG, outdoors!", "xylophonist's 2 cars  é",
+                     "a photo of a background with far too many words for sixteen tokens"]
+
+
+class SlowCLIPTokenizer(transformers.PreTrainedTokenizer):
+    """A pure-Python CLIP BPE tokenizer from vocab.json + merges.txt: slow, so it returns no character offsets."""
+
+    vocab_files_names = {"vocab_file": "vocab.json", "merges_file": "merges.txt"}
+    model_input_names = ["input_ids", "attention_mask"]
+    add_bpe_version_header = True  # save_vocabulary writes merges.txt as CLIP's, with "#version: 0.2" first
+
+    def __init__(self, vocab_file, merges_file, **kwargs):
+        self.encoder = json.loads(Path(vocab_file).read_text())
+        self.decoder = {i: t for t, i in self.encoder.items()}
+        merges = Path(merges_file).read_text().splitlines()[1:]  # after the "#version" line
+        self.bpe_ranks = {tuple(m.split()): rank for rank, m in enumerate(merges) if m}
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self):
+        return len(self.encoder)
+
+    def get_vocab(self):
+        return dict(self.encoder, **self.added_tokens_encoder)
+
+    def _tokenize(self, text):
+        to_bytes = ByteLevel(add_prefix_space=False, use_regex=False)
+        tokens = []
+        for word in CLIP_WORDS.findall(" ".join(text.lower().split())):
+            parts = list(to_bytes.pre_tokenize_str(word)[0][0])
+            parts[-1] += "</w>"
+            while len(parts) > 1:  # apply the lowest-ranked merge present, leftmost first
+                rank, i = min((self.bpe_ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(parts, parts[1:])))
+                if rank == math.inf:
+                    break
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            tokens += parts
+        return tokens
+
+    def _convert_token_to_id(self, token):
+        return self.encoder.get(token, self.encoder[self.unk_token])
+
+    def _convert_id_to_token(self, index):
+        return self.decoder[index]
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        return [self.bos_token_id, *token_ids_0, self.eos_token_id]
+
+
+# transformers 4.x has the slow CLIPTokenizer itself; in 5.x CLIPTokenizer is the fast one and a stand-in is used.
+SLOW_CLIP = (SlowCLIPTokenizer if issubclass(transformers.CLIPTokenizer, transformers.PreTrainedTokenizerFast)
+             else transformers.CLIPTokenizer)
+
+
+def as_sd14_release(folder: Path) -> Path:
+    """Rewrite a saved folder's tokenizer as SD v1.4 ships it: slow CLIPTokenizer files, no tokenizer.json."""
+    tokenizer = fast_tokenizer(folder / "tokenizer")
+    shutil.rmtree(folder / "tokenizer")
+    (folder / "tokenizer").mkdir()
+    tokenizer.backend_tokenizer.model.save(str(folder / "tokenizer"))  # vocab.json + merges.txt
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}
+    config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.model_max_length,
+              "do_lower_case": True, "errors": "replace"}
+    (folder / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    return folder
+
+
+def assert_same_tokenizer(fast, slow):
+    """The fast tokenizer is a drop-in for the slow one: same settings and ids, plus offsets."""
+    assert fast.is_fast and not slow.is_fast
+    assert (fast.model_max_length, fast.padding_side, fast.pad_token) == (slow.model_max_length, slow.padding_side,
+                                                                           slow.pad_token)
+    kwargs = {"padding": "max_length", "truncation": True, "max_length": slow.model_max_length}
+    assert fast(TOKENIZER_PROMPTS, **kwargs).input_ids == slow(TOKENIZER_PROMPTS, **kwargs).input_ids
+    assert token_indices(fast, "a photo of a bird", ["bird"]) == [[5]]  # BOS a photo of a bird
+
+
+def test_sd14_release_folder_gets_the_fast_tokenizer(saved, tmp_path, monkeypatch):
+    folder, pipe = saved
+    sd14 = tmp_path / "sd14_like"
+    save_pipeline(pipe, sd14)
+    as_sd14_release(sd14)
+    assert sorted(os.listdir(sd14 / "tokenizer")) == ["merges.txt", "special_tokens_map.json",
+                                                      "tokenizer_config.json", "vocab.json"]
+    # model_index.json names CLIPTokenizer: diffusers would load the slow class (transformers 4.x). Patched by
+    # name: importing diffusers can leave a new ``transformers`` module object in sys.modules.
+    monkeypatch.setattr("transformers.CLIPTokenizer", SLOW_CLIP)
+    slow = SLOW_CLIP.from_pretrained(sd14 / "tokenizer")
+    single_file = save_original_checkpoint(pipe, tmp_path / "model.ckpt")
+    for loaded in (load_pipeline(sd14), load_pipeline(single_file, config=sd14)):
+        assert_same_tokenizer(loaded.tokenizer, slow)
+        assert fast_tokenizer(loaded.tokenizer) is loaded.tokenizer
+        # registered, so that save_pipeline writes it and model_index.json names its class
+        assert tuple(loaded.config.tokenizer) == ("transformers", type(loaded.tokenizer).__name__)
+    assert_same_tokenizer(fast_tokenizer(slow), slow)  # a loaded slow tokenizer is converted from its own files
+
+
+def test_tokenizer_folder_without_files_is_an_error(saved, tmp_path):
+    _, pipe = saved
+    empty = tmp_path / "no_tokenizer_files"
+    save_pipeline(pipe, empty)
+    for file in (empty / "tokenizer").iterdir():
+        if file.name != "tokenizer_config.json":
+            file.unlink()
+    with pytest.raises(FileNotFoundError, match="vocab.json") as err:
+        load_pipeline(empty)
+    assert str(empty / "tokenizer") in str(err.value)

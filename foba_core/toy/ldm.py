@@ -107,8 +107,8 @@ def learn_bpe(corpus: str, vocab_size: int = 1000) -> tuple[dict[str, int], tupl
 
 
 def clip_tokenizer(corpus: str, max_length: int, vocab_size: int = 1000, folder: str | None = None):
-    """Return a CLIPTokenizer loaded from the vocab.json + merges.txt learned on ``corpus`` (saved to ``folder`` if given)."""
-    from transformers import CLIPTokenizer
+    """Return the fast CLIP tokenizer of the BPE learned on ``corpus``, saved to ``folder`` if given."""
+    from transformers import CLIPTokenizerFast  # word -> token offsets need it; in transformers 5 it is CLIPTokenizer
 
     vocab, merges = learn_bpe(corpus, vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +116,7 @@ def clip_tokenizer(corpus: str, max_length: int, vocab_size: int = 1000, folder:
             json.dump(vocab, f)
         with open(os.path.join(tmp, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length, pad_token=EOS)
+        tokenizer = CLIPTokenizerFast.from_pretrained(tmp, model_max_length=max_length, pad_token=EOS)
     if folder is not None:
         os.makedirs(folder, exist_ok=True)
         tokenizer.save_pretrained(folder)
