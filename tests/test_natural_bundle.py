@@ -150,9 +150,12 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path,
     throughput = re.search(r"Refinement throughput: ([0-9.]+) s per image \((\d+) images, DDIMScheduler with (\d+) steps",
                            report)
     assert throughput and float(throughput[1]) > 0 and int(throughput[2]) == 3  # 2 train + 1 test images
+    recorded = {n: json.loads((cub / n / "stage.json").read_text())["settings"] for n in ("refine", "synthetic", "guidance")}
+    assert (recorded["refine"]["refine_samples"], recorded["refine"]["refine_gmm_fit"]) == (1, "image")  # Eq. 5
+    assert recorded["synthetic"]["stage1_model"] == "base" and recorded["guidance"]["fid_ws"] == [1.0, 3.0, 7.5]
     fid = pd.read_csv(cub / "fid.csv")
-    guided = fid[fid["w"].notna()].set_index("w")
-    assert list(guided.index) == [1.0, 3.0, 7.5] and list(guided["paper_fid"]) == [9.8, 11.3, 22.3]
+    guided = fid[fid["w"] != "vae_reconstruction"]
+    assert list(guided["w"].astype(float)) == [1.0, 3.0, 7.5] and list(guided["paper_fid"]) == [9.8, 11.3, 22.3]
 
     records = {n: (cub / n / "stage.json").read_text() for n in os.listdir(cub) if (cub / n / "stage.json").exists()}
     out = _run("cub", capsys, **common)  # a rerun: every stage is read back, nothing recomputed
@@ -175,7 +178,7 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path,
     table = pd.read_csv(dogs / "table3.csv", keep_default_na=False)
     assert table.loc[0, "fid"] == FID_NOT_COMPUTED and table.loc[0, "iou_kind"].startswith("box IoU")
     assert (table.loc[0, "n_train"], table.loc[0, "n_test"]) == (2, 1)  # max_images 2 of the 2 + 1 images
-    assert pd.read_csv(dogs / "fid.csv", keep_default_na=False)["fid"].tolist() == [FID_NOT_COMPUTED]
+    assert pd.read_csv(dogs / "fid.csv", keep_default_na=False)["fid"].tolist() == [FID_NOT_COMPUTED] * 3  # w = 1, 3, 7.5
 
     from monai.bundle import run
 
@@ -229,3 +232,19 @@ def test_stage1_and_finetuning_under_torchrun_are_reused_by_the_main_job(tmp_pat
     assert finetuned["finetune"]["training"]["iterations"] == TINY["finetune_steps"]
     table = pd.read_csv(out / "table3.csv", keep_default_na=False)
     assert table.loc[0, "dataset"] == "cub" and (table.loc[0, "n_train"], table.loc[0, "n_test"]) == (2, 1)
+
+
+@pytest.mark.parametrize("dataset", ["cub", "dogs", "cars", "h36m"])
+def test_the_natural_defaults_are_the_papers_and_the_preset_turns_the_measured_variants_on(dataset):
+    from monai.bundle import ConfigParser
+
+    files = [os.path.join(ROOT, f) for f in STAGES + [f"configs/datasets/{dataset}.yaml"]] + [
+        os.path.join(BUNDLE, "pipeline.yaml")]
+    paper = ConfigParser()
+    paper.read_config(files)
+    assert (paper["refine_samples"], paper["refine_gmm_fit"]) == (1, "image")  # Eq. 5: one inpainting, whole map
+    assert paper["synthetic_stage1_model"] == "base"  # D'_s's M_pre from m, as for D
+    assert paper["fid_ws"] == [1.0, 3.0, 7.5] and paper["inference_steps"] == 50 and paper["t0"] == 40
+    variants = ConfigParser()
+    variants.read_config(files + [os.path.join(BUNDLE, "refine_variants.yaml")])
+    assert (variants["refine_samples"], variants["refine_gmm_fit"]) == (4, "m_pre")
