@@ -90,22 +90,26 @@ def test_stage1_metrics_equal_the_accumulators():
     from foba_core.preliminary import _at_mask_size, stage1_metrics
 
     gen = torch.Generator().manual_seed(0)
-    records, aucs, pixels, seg = [], [], [], SegmentationAccumulator()
+    records, aucs, pixels, normalised, seg = [], [], [], [], SegmentationAccumulator()
     for k in range(5):
-        heat, gt = torch.rand(8, 8, generator=gen), torch.rand(16, 16, generator=gen) > 0.6
+        heat, gt = torch.rand(8, 8, generator=gen) * (k + 1), torch.rand(16, 16, generator=gen) > 0.6  # own scales
         pre = heat > 0.5
         heat_up, pre_up = _at_mask_size(heat, pre, gt)
         assert torch.equal(pre_up, upsample_mask(pre, (16, 16)))
         aucs.append(roc_auc_score(gt.ravel().numpy(), heat_up.ravel().numpy()))
         pixels.append((heat_up.ravel().numpy(), gt.ravel().numpy()))
+        normalised.append(((heat_up - heat_up.min()) / (heat_up.max() - heat_up.min())).ravel().numpy())
         seg.update(pre_up, gt)
         row = {"id": str(k), "auc_roc": auc_roc(heat_up, gt), "acc_pre": accuracy(pre_up, gt),
                "iou_pre": foreground_iou(pre_up, gt), "miou_pre": mean_iou(pre_up, gt)}
         records.append({"row": row, "heat": heat, "m_pre": pre, "gt": gt})
     pooled = roc_auc_score(np.concatenate([t for _, t in pixels]), np.concatenate([h for h, _ in pixels]))
+    pooled_normalised = roc_auc_score(np.concatenate([t for _, t in pixels]), np.concatenate(normalised))
+    assert abs(pooled - pooled_normalised) > 1e-3  # the per-image scales change the pooled ranking
     m, s = stage1_metrics(records), seg.aggregate()
     assert m["n_images"] == 5 and m["auc_skipped"] == 0
-    for mine, theirs in [("auc_roc", np.mean(aucs)), ("auc_roc_pooled", pooled), ("acc_pre", s["acc"]),
+    for mine, theirs in [("auc_roc", np.mean(aucs)), ("auc_roc_pooled", pooled),
+                         ("auc_roc_pooled_normalised", pooled_normalised), ("acc_pre", s["acc"]),
                          ("iou_pre", s["iou"]), ("miou_pre", s["miou"]), ("iou_pre_per_image", s["iou_per_image"]),
                          ("miou_pre_per_image", s["miou_per_image"]), ("acc_pre_per_image", s["acc_per_image"])]:
         assert m[mine] == pytest.approx(theirs, abs=1e-12), mine

@@ -245,6 +245,7 @@ def test_the_natural_defaults_are_the_papers_and_the_preset_turns_the_measured_v
     assert (paper["refine_samples"], paper["refine_gmm_fit"]) == (1, "image")  # Eq. 5: one inpainting, whole map
     assert paper["synthetic_stage1_model"] == "base"  # D'_s's M_pre from m, as for D
     assert paper["fid_ws"] == [1.0, 3.0, 7.5] and paper["inference_steps"] == 50 and paper["t0"] == 40
+    assert paper["segment_flip"] is True  # the authors' U-Net augmentation flips its crops
     variants = ConfigParser()
     variants.read_config(files + [os.path.join(BUNDLE, "refine_variants.yaml")])
     assert (variants["refine_samples"], variants["refine_gmm_fit"]) == (4, "m_pre")
