@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-from foba_core.capture import authors_timesteps, heat_maps, token_indices, token_weights
+from foba_core.capture import HeatMaps, authors_timesteps, heat_maps, token_indices, token_weights
 from foba_core.diffusion import encode_latents, model_resolution
 from foba_core.distributed import gather_to_rank0
 from foba_core.io import write_csv, write_json, write_torch
@@ -28,6 +28,23 @@ from foba_core.models import encode_prompts
 from foba_core.seeds import derive_seed
 from foba_core.transforms import ResizeCenterCropd
 from foba_core.visualize import heat_overlay, mask_overlay, save_grid, to_uint8
+
+
+def image_heat_maps(pipe, image: torch.Tensor, prompt: str, targets: list[list[int]], timesteps: list[int], seed: int,
+                    samples: int = 1, per_timestep: bool = False, budget_bytes: float | None = None) -> HeatMaps:
+    """Return the heat maps M̂ (Eq. 4) of one image (3, S, S) for each target, a list of token indices of its prompt.
+
+    The rows of the result are ``samples`` independent draws of the q_sample noise of every timestep (the
+    expectation of Eq. 3 estimated by Monte Carlo), all from one generator seeded by ``seed``; ``samples=1`` is
+    Eq. 4 as stage 1 computes it. ``per_timestep`` keeps the map of each timestep (``HeatMaps.per_timestep``).
+    """
+    z0 = encode_latents(pipe, image[None]).expand(samples, -1, -1, -1)  # (samples, C, h, w)
+    hidden, key_mask = encode_prompts(pipe, [prompt], device=z0.device)  # (1, L, D), (1, L) or None
+    weights = token_weights([targets], hidden.shape[1]).to(z0.device)  # (1, L, n_targets)
+    key_mask = None if key_mask is None else key_mask.expand(samples, -1)
+    return heat_maps(pipe.unet, pipe.scheduler, z0, hidden.to(z0.dtype).expand(samples, -1, -1),
+                     weights.expand(samples, -1, -1), text_mask=key_mask, timesteps=timesteps, seed=seed,
+                     per_timestep=per_timestep, budget_bytes=budget_bytes)
 
 
 class Stage1Step:
@@ -67,12 +84,9 @@ class Stage1Step:
         for b, image_id in enumerate(batch["ids"]):
             # One image at a time, its q_sample noise seeded by its id: M̂ of an image does not depend on the
             # batch it came in, nor on how a distributed run sharded the data set.
-            z0 = encode_latents(pipe, batch["images"][b:b + 1])  # (1, C, h, w)
-            hidden, key_mask = encode_prompts(pipe, batch["prompts"][b:b + 1], device=z0.device)  # (1, L, D)
-            index_lists = [token_indices(pipe.tokenizer, batch["prompts"][b], [batch["words"][b]])]
-            weights = token_weights(index_lists, hidden.shape[1]).to(z0.device)  # (1, L, 1)
-            maps = heat_maps(pipe.unet, pipe.scheduler, z0, hidden.to(z0.dtype), weights, text_mask=key_mask,
-                             timesteps=self.timesteps, seed=derive_seed(self.seed, "q_sample", image_id), budget_bytes=self.budget)
+            targets = token_indices(pipe.tokenizer, batch["prompts"][b], [batch["words"][b]])
+            maps = image_heat_maps(pipe, batch["images"][b], batch["prompts"][b], targets, self.timesteps,
+                                   derive_seed(self.seed, "q_sample", image_id), budget_bytes=self.budget)
             m_hat.append(maps.total[:, 0].float().cpu())  # (1, h, w): one target word per image
         m_hat = torch.cat(m_hat)  # (B, h, w)
         m_pre = preliminary_masks(m_hat, random_state=self.seed, n_components=self.n_components)
