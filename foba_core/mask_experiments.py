@@ -19,13 +19,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_curve
 
-from foba_core.capture import authors_timesteps, heat_maps, token_indices, token_weights
-from foba_core.diffusion import encode_latents
+from foba_core.capture import token_indices
 from foba_core.io import write_csv, write_json
 from foba_core.masks import preliminary_masks, upsample_mask
 from foba_core.metrics import SegmentationAccumulator, accuracy, auc_roc, foreground_iou
-from foba_core.models import encode_prompts
 from foba_core.outputs import box_masks, segmentation_scores
+from foba_core.preliminary import image_heat_maps, stage1_timesteps
 from foba_core.seeds import derive_seed
 from foba_core.validate import integer, number
 from foba_core.visualize import heat_overlay, mask_overlay, save_grid, to_uint8
@@ -38,6 +37,12 @@ def fill(template: str, word: str) -> str:
     return template.replace("{word}", word)
 
 
+def first_items(split, n: int, word: str | None) -> tuple[list[dict], list[str]]:
+    """Return the first ``n`` items of a split and their object words (``word``, or each item's label)."""
+    items = [split[i] for i in range(n)]
+    return items, [word if word is not None else it["label"] for it in items]
+
+
 def word_heat_maps(pipe, image: torch.Tensor, prompt: str, words: list[str], image_id: str, timesteps: list[int],
                    seed: int = 0, budget_bytes: float | None = None) -> torch.Tensor:
     """Return M̂ (n_words, h, w) of one image (3, S, S) in [0, 1] for each word of ``prompt`` (Eq. 4).
@@ -46,11 +51,9 @@ def word_heat_maps(pipe, image: torch.Tensor, prompt: str, words: list[str], ima
     seeded by ``derive_seed(seed, "q_sample", image_id)`` as in stage 1, so prompt y_f with its object word gives
     stage 1's M̂ of that image exactly.
     """
-    z0 = encode_latents(pipe, image[None])  # (1, C, h, w)
-    hidden, key_mask = encode_prompts(pipe, [prompt], device=z0.device)  # (1, L, D), (1, L) or None
-    weights = token_weights([token_indices(pipe.tokenizer, prompt, words)], hidden.shape[1]).to(z0.device)  # (1, L, n)
-    maps = heat_maps(pipe.unet, pipe.scheduler, z0, hidden.to(z0.dtype), weights, text_mask=key_mask,
-                     timesteps=timesteps, seed=derive_seed(seed, "q_sample", image_id), budget_bytes=budget_bytes)
+    targets = token_indices(pipe.tokenizer, prompt, words)
+    maps = image_heat_maps(pipe, image, prompt, targets, timesteps, derive_seed(seed, "q_sample", image_id),
+                           budget_bytes=budget_bytes)
     return maps.total[0].float().cpu()  # (n_words, h, w)
 
 
@@ -128,14 +131,12 @@ class ConceptsExperiment:
         self.pipe, self.split, self.folder, self.word = pipe, split, folder, word
         self.prompt, self.words = prompt, list(words)
         self.n = min(integer(n_images, "concept_images"), len(split))
-        n_train = pipe.scheduler.config.num_train_timesteps
-        self.timesteps = list(timesteps) if timesteps is not None else authors_timesteps(t0, n_train)
+        self.timesteps = stage1_timesteps(pipe, t0, timesteps)
         self.seed, self.box_evaluation, self.n_rows = int(seed), bool(box_evaluation), int(n_rows)
         self.metrics: dict = {}
 
     def run(self) -> None:
-        items = [self.split[i] for i in range(self.n)]
-        objects = [self.word if self.word is not None else it["label"] for it in items]
+        items, objects = first_items(self.split, self.n, self.word)
         heat = torch.stack([
             word_heat_maps(self.pipe, it["image"], fill(self.prompt, obj), [fill(w, obj) for w in self.words],
                            it["id"], self.timesteps, self.seed)
@@ -300,14 +301,12 @@ class PromptsExperiment:
                 raise ValueError(f"--{name} must name the object as {{word}}, got {template!r}")
         self.pipe, self.split, self.folder, self.prompts, self.word = pipe, split, folder, (prompt_a, prompt_b), word
         self.n = min(integer(n_images, "prompt_images"), len(split))
-        n_train = pipe.scheduler.config.num_train_timesteps
-        self.timesteps = list(timesteps) if timesteps is not None else authors_timesteps(t0, n_train)
+        self.timesteps = stage1_timesteps(pipe, t0, timesteps)
         self.seed, self.box_evaluation, self.n_rows = int(seed), bool(box_evaluation), int(n_rows)
         self.metrics: dict = {}
 
     def run(self) -> None:
-        items = [self.split[i] for i in range(self.n)]
-        objects = [self.word if self.word is not None else it["label"] for it in items]
+        items, objects = first_items(self.split, self.n, self.word)
         m_pre = []
         for template in self.prompts:
             heat = torch.cat([word_heat_maps(self.pipe, it["image"], fill(template, obj), [obj], it["id"],

@@ -47,6 +47,11 @@ def image_heat_maps(pipe, image: torch.Tensor, prompt: str, targets: list[list[i
                      per_timestep=per_timestep, budget_bytes=budget_bytes)
 
 
+def stage1_timesteps(pipe, t0: int = 40, timesteps: list[int] | None = None) -> list[int]:
+    """Return the timesteps of M̂ (Eq. 4): ``timesteps`` when given, else the authors' grid for T0 on the model's schedule."""
+    return list(timesteps) if timesteps is not None else authors_timesteps(t0, pipe.scheduler.config.num_train_timesteps)
+
+
 class Stage1Step:
     """``iteration_update``: a list of dataset items -> M̂ and M_pre at latent resolution.
 
@@ -60,8 +65,7 @@ class Stage1Step:
                  seed: int = 0, image_size: int | None = None, budget_bytes: float | None = None,
                  n_components: int = 2):
         self.pipe, self.word, self.seed, self.budget, self.n_components = pipe, word, int(seed), budget_bytes, n_components
-        n_train = pipe.scheduler.config.num_train_timesteps
-        self.timesteps = list(timesteps) if timesteps is not None else authors_timesteps(t0, n_train)
+        self.timesteps = stage1_timesteps(pipe, t0, timesteps)
         self.size = int(image_size) if image_size is not None else model_resolution(pipe)
 
     def prepare(self, items: list[dict]) -> dict:
