@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 from tqdm.auto import tqdm
 
 from foba_core.diffusion import to_diffusion_latents, vae_posterior
+from foba_core.io import write_torch
+from foba_core.models import save_pipeline
 from foba_core.toy.ldm import ToyLDMConfig, config_dict
 
 
@@ -86,8 +87,7 @@ def vae_stage(components: dict, dataset, work_dir: str, steps: int = 400, batch_
         latents = encode_dataset(vae, dataset, device=device)
         captions = [dataset[i]["caption"] for i in range(len(dataset))]
         os.makedirs(work_dir, exist_ok=True)
-        torch.save({"vae": vae.state_dict(), "latents": latents, "captions": captions, "losses": losses}, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+        write_torch({"vae": vae.state_dict(), "latents": latents, "captions": captions, "losses": losses}, cache)
     # Latents are diffused centred and at unit variance per channel (diffusers' latents_mean / latents_std).
     # The toy VAE's channel means lie up to 1.3 standard deviations from 0; with scaling only, sampling from
     # N(0, I), which lacks that offset, gave every sample the same colour cast.
@@ -105,21 +105,10 @@ def save_toy_model(components: dict, folder: str, cfg: ToyLDMConfig, training_lo
         unet=components["unet"], scheduler=components["scheduler"], safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    folder = os.path.abspath(folder)
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    meta = {"text_attention_mask": True, "image_size": cfg.image_size, "toy_ldm_config": config_dict(cfg)}
+    meta = {"image_size": cfg.image_size, "toy_ldm_config": config_dict(cfg)}
     if training_log and os.path.exists(training_log):
         with open(training_log) as f:
-            log = json.load(f)
-        meta["training"] = {k: v for k, v in log.items() if k != "losses"}
-    with open(os.path.join(tmp, "foba.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    old = folder + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+            meta["training"] = {k: v for k, v in json.load(f).items() if k != "losses"}
+    pipe.text_attention_mask = True  # trained with the text key mask (foba.json)
+    return str(save_pipeline(pipe, folder, extra=meta))
+
