@@ -10,23 +10,30 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_temp(parent: Path, prefix: str, suffix: str, create: Callable[[Path], None]) -> Path:
+    """Return a new path ``parent/<prefix><random><suffix>`` that ``create`` made (failing if it existed)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            create(path)
+            return path
+        except FileExistsError:
+            continue
 
 
 def temp_folder(parent: str | os.PathLike, prefix: str) -> Path:
-    """Return a new empty folder in ``parent`` (to be renamed onto its target) with the umask's permissions."""
+    """Return a new empty folder in ``parent`` (to be renamed onto its target), with the umask's permissions."""
     Path(parent).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    return tmp
+    return _new_temp(Path(parent), prefix, "", lambda path: os.mkdir(path, 0o777))  # mkdir applies the umask
+
+
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies, as for open()
 
 
 def _fsync(path: Path) -> None:
@@ -41,15 +48,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """Return ``path`` after ``write(tmp)`` filled a temporary file in the same folder that then replaced it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temp(path.parent, f".{path.name}.", ".tmp", _create_file)
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        _fsync(Path(tmp))
+        write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
