@@ -27,11 +27,13 @@ from tqdm.auto import tqdm
 from foba_core import validate
 from foba_core.capture import authors_timesteps, token_indices
 from foba_core.diffusion import text_token_mask
-from foba_core.io import atomic_write, write_csv, write_json
+from foba_core.io import write_csv, write_json
+from foba_core.masks import normalise
 from foba_core.metrics import auc_roc
 from foba_core.outputs import box_masks
 from foba_core.preliminary import image_heat_maps
 from foba_core.seeds import derive_seed
+from foba_core.visualize import save_plot
 
 
 def ground_truth(item: dict) -> torch.Tensor:
@@ -84,18 +86,16 @@ def _image_tokens(pipe, prompt: str) -> tuple[list[str], list[bool]]:
 
 
 def _save_plot(draw, path: str, xlabel: str, ylabel: str, title: str) -> str:
-    """Draw onto a new matplotlib axes with ``draw(ax)``, label it and write it as a PNG, atomically."""
-    from matplotlib.figure import Figure
+    """Draw with ``draw(ax)``, label the axes, grid and legend, and write the PNG (``visualize.save_plot``)."""
 
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
-    ax = fig.add_subplot()
-    draw(ax)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    return path
+    def labelled(ax):
+        draw(ax)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+
+    return save_plot(labelled, path)
 
 
 def _listed(values, name: str) -> list:
@@ -285,7 +285,7 @@ class TokenAUC(_Experiment):
                 rec["maps"].append(total[k])
                 rec["truths"].append(truth)
             sot = total[0]
-            inverted["maps"].append(1 - (sot - sot.min()) / (sot.max() - sot.min()).clamp_min(1e-12))
+            inverted["maps"].append(1 - normalise(sot))
             inverted["truths"].append(truth)
         rows = [_token_row(k, "|".join(sorted(r["texts"])), r["seen"], float(np.mean(r["object"])), r["maps"],
                            r["truths"]) for k, r in sorted(positions.items())]

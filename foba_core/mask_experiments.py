@@ -21,13 +21,13 @@ from sklearn.metrics import roc_curve
 
 from foba_core.capture import token_indices
 from foba_core.io import write_csv, write_json
-from foba_core.masks import preliminary_masks, upsample_mask
+from foba_core.masks import normalise, preliminary_masks, upsample_mask
 from foba_core.metrics import SegmentationAccumulator, accuracy, auc_roc, foreground_iou
 from foba_core.outputs import box_masks, segmentation_scores
 from foba_core.preliminary import image_heat_maps, stage1_timesteps
 from foba_core.seeds import derive_seed
 from foba_core.validate import integer, number
-from foba_core.visualize import heat_overlay, mask_overlay, save_grid, to_uint8
+from foba_core.visualize import heat_overlay, mask_overlay, save_grid, save_plot, to_uint8
 
 GT_COLOUR = (40, 255, 40)  # ground truth in every overlay grid, as in stage 1's
 
@@ -69,13 +69,6 @@ def ground_truth(split, box_evaluation: bool, images: range | None = None) -> to
         raise ValueError(f"the {split.split} split has no ground-truth masks; a data set with boxes only is scored "
                          "against its box masks with box_evaluation: true (configs/datasets/dogs.yaml)")
     return torch.stack(masks)
-
-
-def normalise(heat: torch.Tensor) -> torch.Tensor:
-    """Return each map of ``heat`` (N, h, w) min-max normalised to [0, 1] (per image, as the paper scores M̂)."""
-    low = heat.amin(dim=(-2, -1), keepdim=True)
-    high = heat.amax(dim=(-2, -1), keepdim=True)
-    return (heat - low) / (high - low).clamp_min(1e-12)
 
 
 def at_size(heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -245,31 +238,24 @@ class ThresholdsExperiment:
 
     def _plot(self, scores: np.ndarray, truth: np.ndarray, chosen: dict, gmm: np.ndarray, path: str) -> None:
         """Draw the reserved images' pixel ROC curve with the operating points of both thresholds and the GMM's."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         truth = truth.astype(bool)
         fpr, tpr, _ = roc_curve(truth.ravel(), scores.ravel())
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        ax.plot(fpr, tpr, color="black", lw=1, label=rf"$\hat{{M}}$ (pooled AUC {auc_roc(scores, truth):.3f})")
 
         def point(mask: np.ndarray) -> tuple[float, float]:
             return (mask & ~truth).sum() / max((~truth).sum(), 1), (mask & truth).sum() / max(truth.sum(), 1)
 
-        for name, marker, label in (("tpr95", "o", f"{100 * self.tpr:g} % TPR threshold"),
-                                    ("max_acc", "s", "accuracy-optimal threshold")):
-            ax.plot(*point(scores >= chosen[name]), marker, ms=8, label=f"{label} ({chosen[name]:.3f})")
-        ax.plot(*point(gmm), "^", ms=8, label="GMM M_pre (per image)")
-        ax.set_xlabel("false-positive rate (pixels)")
-        ax.set_ylabel("true-positive rate (pixels)")
-        ax.set_title(rf"normalised $\hat{{M}}$, {len(scores)} reserved training images", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        def draw(ax) -> None:
+            ax.plot(fpr, tpr, color="black", lw=1, label=rf"$\hat{{M}}$ (pooled AUC {auc_roc(scores, truth):.3f})")
+            for name, marker, label in (("tpr95", "o", f"{100 * self.tpr:g} % TPR threshold"),
+                                        ("max_acc", "s", "accuracy-optimal threshold")):
+                ax.plot(*point(scores >= chosen[name]), marker, ms=8, label=f"{label} ({chosen[name]:.3f})")
+            ax.plot(*point(gmm), "^", ms=8, label="GMM M_pre (per image)")
+            ax.set_xlabel("false-positive rate (pixels)")
+            ax.set_ylabel("true-positive rate (pixels)")
+            ax.set_title(rf"normalised $\hat{{M}}$, {len(scores)} reserved training images", fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+
+        save_plot(draw, path, figsize=(4.5, 4.5))
 
 
 # ---- 6. Prompt robustness (supplement Sec. 6, Fig. 5) -------------------------------------------------------------

@@ -127,6 +127,14 @@ def preliminary_masks(heatmaps: torch.Tensor, random_state: int | None = 0, n_co
     return mean_filter(torch.stack(masks).to(heatmaps.device))
 
 
+def normalise(heat: torch.Tensor) -> torch.Tensor:
+    """Return each map of ``heat`` (..., h, w) min-max normalised to [0, 1] (per image, as the paper scores M̂;
+    a constant map becomes 0)."""
+    low = heat.amin(dim=(-2, -1), keepdim=True)
+    high = heat.amax(dim=(-2, -1), keepdim=True)
+    return (heat - low) / (high - low).clamp_min(1e-12)
+
+
 def upsample_mask(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Return the mask resized to ``size`` (H, W) by nearest neighbour (M_pre,up in Eq. 5)."""
     if mask.ndim < 2:

@@ -22,7 +22,7 @@ from foba_core.capture import HeatMaps, authors_timesteps, heat_maps, token_indi
 from foba_core.diffusion import encode_latents, model_resolution
 from foba_core.distributed import gather_to_rank0
 from foba_core.io import write_csv, write_json, write_torch
-from foba_core.masks import preliminary_masks, upsample_mask
+from foba_core.masks import normalise, preliminary_masks, upsample_mask
 from foba_core.metrics import accuracy, auc_roc, foreground_iou, mean_iou
 from foba_core.models import encode_prompts
 from foba_core.seeds import derive_seed
@@ -181,7 +181,7 @@ def stage1_metrics(records: list[dict]) -> dict:
     heat = torch.cat([h.flatten() for h, _ in up])
     # Sec. 4 reports the pooled AUC of M̂ both raw (97.08) and min-max normalised per image (97.1): normalising puts
     # every image's scores on one scale before they are ranked together
-    normalised = torch.cat([((h - h.min()) / (h.max() - h.min()).clamp_min(1e-12)).flatten() for h, _ in up])
+    normalised = torch.cat([normalise(h).flatten() for h, _ in up])
     pre, gt = torch.cat([p.flatten() for _, p in up]), torch.cat([r["gt"].flatten() for r in scored])
     aucs = np.array([r["row"]["auc_roc"] for r in scored], dtype=float)
     finite = aucs[~np.isnan(aucs)]

@@ -1,13 +1,13 @@
-"""Pictures people look at: heat-map and mask overlays, labelled grids (PNG, written atomically)."""
+"""Pictures people look at: heat-map and mask overlays, labelled grids, plots (PNG, written atomically)."""
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+from foba_core.io import atomic_write
 
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
@@ -66,10 +66,18 @@ def draw_boxes(tile: np.ndarray, boxes, colour=(0, 255, 0)) -> np.ndarray:
 
 def save_png(array: np.ndarray, path: str) -> str:
     """Write an (H, W[, 3]) uint8 array as PNG atomically; return the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    return path
+
+
+def save_plot(draw, path: str, figsize: tuple[float, float] = (6.4, 4.0)) -> str:
+    """Draw onto the axes of a new matplotlib figure with ``draw(ax)`` and write it as a PNG, atomically; return the
+    path. The figure is drawn without pyplot, so no global backend is chosen."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    draw(fig.add_subplot())
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return path
 
 
