@@ -157,8 +157,8 @@ def check_main_job(*, dataset, dataset_dir, pretrained, pretrained_config, split
                    stage1_batch_size, n_overlays, finetune_steps, finetune_batch_size, finetune_lr,
                    finetune_warmup_steps, p_inpaint, accumulation_steps, lr_drop_step, lr_drop_factor, max_grad_norm,
                    caption_dropout, checkpoint_interval, amp_dtype, scheduler, inference_steps, refine_samples,
-                   refine_gmm_fit, refine_batch_size, synthetic_stage1_model, segment_steps, segment_batch_size, segment_lr, segment_crop,
-                   segment_size, n_synthetic, sample_batch_size, fid_samples, fid_ws, n_backgrounds,
+                   refine_gmm_fit, refine_batch_size, synthetic_stage1_model, segment_steps, segment_batch_size,
+                   segment_lr, segment_crop, segment_size, n_synthetic, sample_batch_size, fid_samples, fid_ws, n_backgrounds,
                    chunk_size) -> None:
     """Check the main job's settings (configs/stages/*.yaml, configs/datasets/*.yaml) before any stage runs.
 
