@@ -1,7 +1,9 @@
 """Cross-attention capture, words -> tokens, and the mean attention heat maps M̂ (paper Eq. 3-4).
 
 ``AttentionCapture`` installs a capturing processor on every cross-attention layer (``attn2``) of a
-diffusers ``UNet2DConditionModel`` and restores the original processors on exit. The processor
+diffusers ``UNet2DConditionModel`` and restores the original processors on exit; on MONAI's
+``DiffusionModelUNet`` (``foba_core.monai_ldm``) it replaces the ``forward`` of each ``attn2``
+``CrossAttentionBlock`` the same way, and the class's forward (flash attention, if configured) returns on exit. The processor
 computes the attention probabilities psi = softmax(Q K^T / sqrt(d)) (Eq. 2) itself, keeps only the
 target tokens' columns, averages them over heads, upsamples them to the latent resolution and adds
 them to running sums. Self-attention keeps its fused kernel.
@@ -122,6 +124,36 @@ class _CaptureProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def _monai_capture_forward(capture: "AttentionCapture", name: str, block):
+    """Return a ``forward`` for MONAI's ``CrossAttentionBlock`` with explicit probabilities handed to ``capture``."""
+
+    def forward(x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        query = block.input_rearrange(block.to_q(x))  # (B, heads, Q, d)
+        key, value = capture._project_context(block, context)
+        key, value = block.input_rearrange(key), block.input_rearrange(value)  # (B, heads, L, d)
+        if block.attention_dtype is not None:
+            query, key = query.to(block.attention_dtype), key.to(block.attention_dtype)
+        scores = torch.einsum("bhqd,bhld->bhql", query, key) * block.scale  # (B, heads, Q, L)
+        probs = scores.softmax(dim=-1)  # psi(Q_l, K_l^T), Eq. 2
+        capture._add(name, probs)
+        out = torch.einsum("bhql,bhld->bhqd", probs.to(value.dtype), value)
+        return block.drop_output(block.out_proj(block.out_rearrange(out)))
+
+    return forward
+
+
+def _monai_cross_attention(unet) -> dict[str, torch.nn.Module]:
+    """Return the cross-attention blocks (``attn2``) of a MONAI ``DiffusionModelUNet`` by name, in forward order."""
+    from monai.networks.blocks import CrossAttentionBlock
+
+    blocks = {n: m for n, m in unet.named_modules() if n.endswith("attn2") and isinstance(m, CrossAttentionBlock)}
+    for name, block in blocks.items():
+        if block.causal or block.rel_positional_embedding is not None:
+            raise ValueError(f"{name}: causal or relative-position cross-attention is not captured")
+    return blocks
+
+
 class _AllLayersCaptured(Exception):
     """Raised by a capture with ``stop_after_last=True`` once every cross-attention layer has been read."""
 
@@ -152,23 +184,36 @@ class AttentionCapture:
         self.peak_bytes = 0  # most bytes of captured maps held at once (running sums of one forward pass)
 
     def __enter__(self) -> "AttentionCapture":
-        self._original = dict(self.unet.attn_processors)
-        procs = {}
-        for name, proc in self._original.items():
-            procs[name] = _CaptureProcessor(self, name.rsplit(".processor", 1)[0]) if ".attn2." in name + "." else proc
-        self._n_layers = sum(isinstance(p, _CaptureProcessor) for p in procs.values())
+        if not hasattr(self.unet, "attn_processors"):  # MONAI: each attn2 block's forward, until exit
+            blocks = _monai_cross_attention(self.unet)
+            for name, block in blocks.items():
+                block.forward = _monai_capture_forward(self, name, block)  # an instance attribute shadows the class's
+            self._original, self._n_layers = blocks, len(blocks)
+        else:
+            self._original = dict(self.unet.attn_processors)
+            procs = {}
+            for name, proc in self._original.items():
+                procs[name] = _CaptureProcessor(self, name.rsplit(".processor", 1)[0]) if ".attn2." in name + "." else proc
+            self._n_layers = sum(isinstance(p, _CaptureProcessor) for p in procs.values())
+            self.unet.set_attn_processor(procs)  # (diffusers empties the dict it is given)
         if not self._n_layers:
+            self.__exit__()
             raise ValueError("this U-Net has no cross-attention layers (attn2) to capture")
-        self.unet.set_attn_processor(procs)  # (diffusers empties the dict it is given)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.unet.set_attn_processor(self._original)
+        if hasattr(self.unet, "attn_processors"):
+            self.unet.set_attn_processor(self._original)
+        else:
+            for block in self._original.values():
+                del block.forward  # the class's forward again (flash attention as configured)
         self._original = None
 
     @property
     def layer_names(self) -> list[str]:
         """Names of the captured cross-attention layers, in forward order."""
+        if not hasattr(self.unet, "attn_processors"):
+            return list(_monai_cross_attention(self.unet))
         return [n.rsplit(".processor", 1)[0] for n in self.unet.attn_processors if ".attn2." in n + "."]
 
     def select(self, weights: torch.Tensor, context_rows: torch.Tensor | None = None) -> None:
@@ -285,7 +330,12 @@ def heat_maps(unet, scheduler, z0: torch.Tensor, text_hidden: torch.Tensor, weig
     latent_hw = tuple(z0.shape[-2:])
     device = z0.device
     budget = default_budget_bytes(device) if budget_bytes is None else budget_bytes
-    chunk = rows_per_chunk(unet, latent_hw, text_hidden.shape[1], budget)
+    if not hasattr(unet, "config"):  # MONAI's DiffusionModelUNet itself: its widths through the adapter's config
+        from foba_core.monai_ldm import MonaiUNet
+
+        chunk = rows_per_chunk(MonaiUNet(unet, latent_hw[0]), latent_hw, text_hidden.shape[1], budget)
+    else:
+        chunk = rows_per_chunk(unet, latent_hw, text_hidden.shape[1], budget)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n_t, *z0.shape), generator=gen).to(z0)  # independent noise per (t, image)
     t_all = torch.tensor(timesteps, device=device)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from foba_core import monai_ldm
 from foba_core.diffusion import encode_text
 from foba_core.io import temp_folder
 
@@ -39,20 +40,31 @@ CONFIG_HINT = ("pass config=<a local diffusers SD folder with the same architect
 
 
 def load_pipeline(source, *, config=None, original_config=None, torch_dtype: torch.dtype = torch.float32,
-                  device="cpu"):
+                  device="cpu", text_encoder=None):
     """Return the StableDiffusionPipeline of ``source`` (a diffusers SD folder or a single checkpoint file), offline.
 
     The pipeline gets two attributes: ``text_attention_mask`` (bool, from ``foba.json``; False when
     absent) and ``foba_source`` (the resolved path it was loaded from). For a single file,
     ``config`` is a local diffusers folder to take the component configs from, ``original_config``
     the original LDM yaml (U-Net and VAE architecture); ``foba.json`` and the tokenizer are read from
-    ``config``. The tokenizer is always a fast one (see ``fast_tokenizer``).
+    ``config``. The tokenizer is always a fast one (see ``fast_tokenizer``). A MONAI bundle folder
+    (``configs/inference.json`` and ``models/*.pth``, as MONAI's model zoo ships LDMs) gives a
+    ``foba_core.monai_ldm.MonaiLDM`` with the same attributes; its tokenizer and text encoder come from
+    ``text_encoder`` (a folder with ``tokenizer/`` and ``text_encoder/``) or the bundle folder itself.
     """
     if isinstance(torch_dtype, str):  # config files may name the dtype: "float16", "bfloat16", ...
         torch_dtype = getattr(torch, torch_dtype, torch_dtype)
     if not isinstance(torch_dtype, torch.dtype):
         raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")
     path = Path(source).expanduser()
+    if monai_ldm.config_file(path) is not None:
+        if config is not None or original_config is not None:
+            raise ValueError(f"{path} is a MONAI bundle folder, which carries its own configs; config and "
+                             "original_config apply to single checkpoint files only")
+        return monai_ldm.load_bundle(path, text_encoder, torch_dtype, device)
+    if text_encoder is not None:
+        raise ValueError(f"text_encoder={text_encoder} applies to MONAI bundle folders only; {path} brings its own "
+                         "(a diffusers folder or checkpoint)")
     if path.is_dir() and (config is not None or original_config is not None):
         raise ValueError(f"{path} is a diffusers folder, which carries its own configs; config and original_config "
                          "apply to single checkpoint files only")
@@ -204,14 +216,15 @@ def encode_prompts(pipe, prompts: list[str], device=None):
 def save_pipeline(pipe, folder, extra: dict | None = None) -> Path:
     """Write the pipeline as a diffusers folder (safetensors) with foba.json, replacing ``folder`` atomically.
 
-    ``foba.json`` holds ``text_attention_mask`` (from the pipeline) and the keys of ``extra``. An
-    existing ``folder`` is replaced only if it is empty or a saved pipeline (has model_index.json).
+    A ``MonaiLDM`` is written in the MONAI bundle layout instead (``MonaiLDM.save_pretrained``). ``foba.json``
+    holds ``text_attention_mask`` (from the pipeline) and the keys of ``extra``. An existing ``folder`` is
+    replaced only if it is empty or a saved pipeline (has model_index.json or configs/inference.json).
     """
     folder = Path(folder).expanduser().resolve()
-    replaceable = folder.is_dir() and (not any(folder.iterdir()) or (folder / FOLDER_PARTS[0]).is_file())
-    if folder.exists() and not replaceable:
-        raise FileExistsError(f"{folder} exists and is not a saved pipeline (no {FOLDER_PARTS[0]}); "
-                              "choose a new or empty folder, it would be replaced")
+    saved = (folder / FOLDER_PARTS[0]).is_file() or monai_ldm.config_file(folder) is not None
+    if folder.exists() and not (folder.is_dir() and (saved or not any(folder.iterdir()))):
+        raise FileExistsError(f"{folder} exists and is not a saved pipeline (no {FOLDER_PARTS[0]} or "
+                              f"{monai_ldm.CONFIG_FILES[0]}); choose a new or empty folder, it would be replaced")
     extra = dict(extra or {})
     if "text_attention_mask" in extra:
         raise ValueError("extra must not set text_attention_mask; set pipe.text_attention_mask instead")
@@ -236,9 +249,14 @@ def save_pipeline(pipe, folder, extra: dict | None = None) -> Path:
 
 
 def make_scheduler(pipe, scheduler="DDIMScheduler"):
-    """Return a fresh diffusers scheduler by class name (or a copy of an instance) on the pipeline's noise schedule."""
+    """Return a fresh scheduler by class name (or a copy of an instance) on the pipeline's noise schedule.
+
+    diffusers' classes for a diffusers pipeline; MONAI's (``MonaiScheduler.variant``) for a MONAI bundle's LDM.
+    """
     from monai.utils import look_up_option
 
+    if isinstance(pipe.scheduler, monai_ldm.MonaiScheduler):  # MONAI's own classes on the bundle's schedule
+        return pipe.scheduler.variant(scheduler if isinstance(scheduler, str) else type(scheduler.scheduler).__name__)
     if not isinstance(scheduler, str):
         return type(scheduler).from_config(scheduler.config)
     options = {cls.__name__: cls for cls in [type(pipe.scheduler), *pipe.scheduler.compatibles]}

@@ -153,8 +153,8 @@ def check_training(max_steps, batch_size, lr, warmup_steps, accumulation_steps=1
                      checkpoint_interval, amp_dtype)
 
 
-def check_main_job(*, dataset, dataset_dir, pretrained, pretrained_config, splits, n_train, n_test, t0, timesteps,
-                   stage1_batch_size, n_overlays, finetune_steps, finetune_batch_size, finetune_lr,
+def check_main_job(*, dataset, dataset_dir, pretrained, pretrained_config, text_encoder, splits, n_train, n_test, t0,
+                   timesteps, stage1_batch_size, n_overlays, finetune_steps, finetune_batch_size, finetune_lr,
                    finetune_warmup_steps, p_inpaint, accumulation_steps, lr_drop_step, lr_drop_factor, max_grad_norm,
                    caption_dropout, checkpoint_interval, amp_dtype, scheduler, inference_steps, refine_samples,
                    refine_gmm_fit, refine_batch_size, synthetic_stage1_model, segment_steps, segment_batch_size,
@@ -169,9 +169,11 @@ def check_main_job(*, dataset, dataset_dir, pretrained, pretrained_config, split
     generated = is_generated(dataset)
     if not generated:
         path(dataset_dir, "dataset_dir", f"the folder of the {dataset} files (docs/datasets.md)")
-    path(pretrained, "pretrained", "a local Stable Diffusion folder (diffusers layout) or a single .ckpt / "
-                                   ".safetensors file with --pretrained_config (nothing is downloaded)")
+    path(pretrained, "pretrained", "a local Stable Diffusion folder (diffusers layout), a single .ckpt / "
+                                   ".safetensors file with --pretrained_config, or a MONAI bundle folder (nothing is "
+                                   "downloaded)")
     path(pretrained_config, "pretrained_config", "a local diffusers Stable Diffusion folder", optional=True)
+    path(text_encoder, "text_encoder", "a folder with tokenizer/ and text_encoder/ for a MONAI bundle", optional=True)
     choices(splits, "splits", ("train", "test"))
     integer(n_train, "n_train", optional=not generated)
     integer(n_test, "n_test", optional=not generated)

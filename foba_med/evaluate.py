@@ -44,13 +44,14 @@ logger = logging.getLogger(__name__)
 TRAIN_COMMAND = "python -m monai.bundle run --config_file bundles/foba_cxr/configs/train.yaml"
 
 
-def load_model(model_dir: str, torch_dtype=torch.float32, device="cpu"):
-    """Return the report-conditioned LDM of ``model_dir`` (a diffusers folder: fine-tuned, or any base model)."""
+def load_model(model_dir: str, torch_dtype=torch.float32, device="cpu", text_encoder: str | None = None):
+    """Return the report-conditioned LDM of ``model_dir``: a diffusers folder (fine-tuned, or any base model) or a
+    MONAI bundle folder (``text_encoder``: its tokenizer/ and text_encoder/ folder, see ``foba_core.monai_ldm``)."""
     if not Path(model_dir).expanduser().exists():
         raise FileNotFoundError(f"fine-tuned model {model_dir} not found; train it first with `{TRAIN_COMMAND}`, or "
                                 "pass --model_dir <a diffusers SD folder> (e.g. bundles/foba_toy/models/toy_ldm: the "
-                                "toy LDM before CXR fine-tuning)")
-    return load_pipeline(model_dir, torch_dtype=torch_dtype, device=device)
+                                "toy LDM before CXR fine-tuning) or <a MONAI bundle folder> with --text_encoder DIR")
+    return load_pipeline(model_dir, torch_dtype=torch_dtype, device=device, text_encoder=text_encoder)
 
 
 def ensure_phantom(mimic_dir: str, phantom_dir: str, params: dict | None = None) -> Path:
