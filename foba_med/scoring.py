@@ -1,10 +1,12 @@
 """Scoring the MS-CXR heat maps (paper Sec. 4, Fig. 9; supplement Sec. 8) and the per-disease report.
 
-Each finding's M̂ is min-max normalised, bilinearly upsampled to the model-resolution box mask and scored with
-pixel-wise AUC-ROC (:func:`score_finding`); beyond the paper, the IoU of its 2- and 3-component GMM masks
+Each finding's M̂ is min-max normalised, bilinearly upsampled to the model-resolution box mask
+(:func:`normalised_map`) and scored with pixel-wise AUC-ROC (:func:`score_finding`); beyond the paper, the
+phrase-grounding metrics of BioViL and others on the same map (:func:`grounding_scores`, ``foba_med.grounding``:
+CNR, mIoU, pointing game, centre-of-mass distance), the IoU of its 2- and 3-component GMM masks
 (:func:`gmm_masks`) and the AUC of a word-agnostic centre prior (:func:`centre_prior`). ``CXREvalWriter`` is
 the handler of the evaluation's MONAI ``Evaluator`` (``foba_med.evaluate``): it averages the scores per disease
-and writes the tables, the Markdown report next to the paper's 79.6 % and the overlays.
+and writes the tables, the Markdown report next to the published MS-CXR averages and the overlays.
 """
 
 from __future__ import annotations
@@ -26,12 +28,28 @@ from foba_core.io import atomic_write
 from foba_core.masks import preliminary_masks, upsample_mask
 from foba_core.metrics import auc_roc, foreground_iou
 from foba_core.visualize import draw_boxes, heat_overlay, mask_overlay, save_grid, to_uint8
+from foba_med.grounding import compute_cnr, compute_com_distance, compute_miou, compute_pointing_hit
 from foba_med.mimic import CXRImageError
 
 PAPER_MEAN_AUC = 79.6  # % pixel AUC-ROC, mean over the eight MS-CXR findings (paper Sec. 4)
+# published MS-CXR averages for the report: (model, AUC-ROC %, CNR, mIoU, source)
+REFERENCES = (
+    ("Stable Diffusion fine-tuned on MIMIC-CXR", PAPER_MEAN_AUC, None, None,
+     "Dombrowski et al., Foreground-Background Separation through Concept Distillation from Generative Image "
+     "Foundation Models (the paper reproduced here)"),
+    ("BioViL", None, 1.07, 0.229, "Boecking et al., Making the Most of Text Semantics to Improve Biomedical "
+     "Vision-Language Processing, ECCV 2022"),
+    ("BioViL-T", None, 1.33, 0.240, "Bannur et al., Learning to Exploit Temporal Structure for Biomedical "
+     "Vision-Language Processing, CVPR 2023"),
+)
 GMM_COMPONENTS = (2, 3)
 STATUSES = ("scored", "one_class_mask", "no_disease_word", "missing", "unreadable")
 METRIC_COLUMNS = ("auc_roc", "iou_gmm2", "iou_gmm3", "auc_centre_prior")  # per image; averaged per disease
+# per image (pointing_acc: 1 or 0) and averaged per disease (foba_med.grounding)
+GROUNDING_COLUMNS = ("cnr", "cnr_signed", "miou", "pointing_acc", "com_distance", "com_distance_rel")
+# per disease: the means and population standard deviations (none for the fraction pointing_acc)
+GROUNDING_DISEASE_COLUMNS = ("cnr", "cnr_std", "cnr_signed", "cnr_signed_std", "miou", "miou_std", "pointing_acc",
+                             "com_distance", "com_distance_std", "com_distance_rel", "com_distance_rel_std")
 
 
 def slug(category: str) -> str:
@@ -45,10 +63,24 @@ def min_max(heat: torch.Tensor) -> torch.Tensor:
     return (heat - lo) / (hi - lo) if hi > lo else torch.zeros_like(heat)
 
 
+def normalised_map(heat: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Return the heat map min-max normalised, then bilinearly upsampled to ``shape``: the map every score reads."""
+    return F.interpolate(min_max(heat)[None, None], size=tuple(shape), mode="bilinear", align_corners=False)[0, 0]
+
+
 def score_finding(heat: torch.Tensor, mask: torch.Tensor, image_id: str | None = None) -> float:
     """Return the pixel AUC-ROC of the min-max normalised heat map, bilinearly upsampled to the mask's size."""
-    up = F.interpolate(min_max(heat)[None, None], size=tuple(mask.shape), mode="bilinear", align_corners=False)[0, 0]
-    return auc_roc(up, mask, image_id=image_id)
+    return auc_roc(normalised_map(heat, mask.shape), mask, image_id=image_id)
+
+
+def grounding_scores(heat: torch.Tensor, mask: torch.Tensor, boxes: torch.Tensor) -> dict[str, float]:
+    """Return the ``GROUNDING_COLUMNS`` of one finding: ``foba_med.grounding``'s metrics of :func:`normalised_map`
+    against the box mask and the boxes (x1 y1 x2 y2, exclusive end, in the mask's pixels)."""
+    up = normalised_map(heat, mask.shape)
+    return {"cnr": compute_cnr(up, mask), "cnr_signed": compute_cnr(up, mask, signed=True),
+            "miou": compute_miou(up, mask), "pointing_acc": compute_pointing_hit(up, mask),
+            "com_distance": compute_com_distance(up, boxes),
+            "com_distance_rel": compute_com_distance(up, boxes, relative=True)}
 
 
 def centre_prior(height: int, width: int) -> torch.Tensor:
@@ -75,13 +107,14 @@ class CXREvalWriter:
     """Handler: scores each (image, finding), averages per disease and writes the outputs into ``output_dir``.
 
     Writes ``auc_per_disease.csv`` (category_name, n_images, auc_roc, auc_roc_std, iou_gmm2, iou_gmm3,
-    auc_centre_prior, counts; a final ``mean`` row over the diseases), ``auc_per_disease.md`` (next to the
-    paper's 79.6), ``auc_per_token.csv``, ``per_image.csv`` (with a row, status and error for each finding whose
-    image is missing or cannot be decoded; nothing is written, and CXRImageError raised, when no image could be
-    decoded) and ``overlays/<disease>.png`` (image | M̂ | 2-GMM | 3-GMM, boxes drawn) for ``n_overlays`` images
-    per disease; sets ``engine.state.metrics`` (flat keys) for MLflow. Under torchrun (``multi_gpu_evaluate.yaml``)
-    each process scores its contiguous shard and rank 0 gathers the rows and overlays in dataset order and writes
-    them: the same files as a single-process run.
+    auc_centre_prior, counts, then ``GROUNDING_DISEASE_COLUMNS``; a final ``mean`` row over the diseases),
+    ``auc_per_disease.md`` (next to the paper's 79.6 and the published BioViL / BioViL-T CNR and mIoU),
+    ``auc_per_token.csv``, ``per_image.csv`` (with ``GROUNDING_COLUMNS``, and a row, status and error for each
+    finding whose image is missing or cannot be decoded; nothing is written, and CXRImageError raised, when no
+    image could be decoded) and ``overlays/<disease>.png`` (image | M̂ | 2-GMM | 3-GMM, boxes drawn) for
+    ``n_overlays`` images per disease; sets ``engine.state.metrics`` (flat keys) for MLflow. Under torchrun
+    (``multi_gpu_evaluate.yaml``) each process scores its contiguous shard and rank 0 gathers the rows and
+    overlays in dataset order and writes them: the same files as a single-process run.
     """
 
     def __init__(self, output_dir: str, missing: list[dict] | None = None, n_overlays: int = 4, seed: int = 0,
@@ -124,6 +157,7 @@ class CXREvalWriter:
                 m_pre = gmm_masks(rec["heat"], self.seed)
                 for k, m in m_pre.items():
                     row[f"iou_gmm{k}"] = foreground_iou(upsample_mask(m, tuple(mask.shape)), mask)
+                row.update(grounding_scores(rec["heat"], mask, rec["boxes"]))
                 per_token = []
                 for token, tmap in zip(rec["tokens"], rec["token_maps"]):
                     auc = score_finding(tmap, mask, rec["id"])
@@ -138,7 +172,7 @@ class CXREvalWriter:
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         """Return (per-disease table with a final ``mean`` row, per-token table, per-image table)."""
         per_image = pd.DataFrame(self.rows)
-        for col in ("status", "category_name", *METRIC_COLUMNS):
+        for col in ("status", "category_name", *METRIC_COLUMNS, *GROUNDING_COLUMNS):
             if col not in per_image:
                 per_image[col] = np.nan
         rows = []
@@ -149,12 +183,16 @@ class CXREvalWriter:
                 "auc_roc_std": scored["auc_roc"].std(ddof=0),
                 **{c: scored[c].mean() for c in METRIC_COLUMNS[1:]},
                 **{f"n_{s}": int((group["status"] == s).sum()) for s in STATUSES[1:]},
+                **{c: scored[c.removesuffix("_std")].std(ddof=0) if c.endswith("_std") else scored[c].mean()
+                   for c in GROUNDING_DISEASE_COLUMNS},  # NaN scores (undefined) are skipped
             })
         per_disease = pd.DataFrame(rows, columns=["category_name", "n_images", "auc_roc", "auc_roc_std",
-                                                  *METRIC_COLUMNS[1:], *[f"n_{s}" for s in STATUSES[1:]]])
+                                                  *METRIC_COLUMNS[1:], *[f"n_{s}" for s in STATUSES[1:]],
+                                                  *GROUNDING_DISEASE_COLUMNS])
         mean = {"category_name": "mean", "n_images": int(per_disease["n_images"].sum()),
                 **{c: per_disease[c].mean() for c in METRIC_COLUMNS}, "auc_roc_std": np.nan,
-                **{f"n_{s}": int(per_disease[f"n_{s}"].sum()) for s in STATUSES[1:]}}
+                **{f"n_{s}": int(per_disease[f"n_{s}"].sum()) for s in STATUSES[1:]},
+                **{c: np.nan if c.endswith("_std") else per_disease[c].mean() for c in GROUNDING_DISEASE_COLUMNS}}
         per_disease = pd.concat([per_disease, pd.DataFrame([mean])], ignore_index=True)
         tokens = pd.DataFrame(self.token_rows, columns=["category_name", "token", "auc_roc"])
         per_token = (tokens.groupby(["category_name", "token"], sort=False)["auc_roc"].agg(["count", "mean"])
@@ -163,11 +201,12 @@ class CXREvalWriter:
         return per_disease, per_token, per_image
 
     def metrics(self, per_disease: pd.DataFrame) -> dict[str, float]:
-        """Return flat, finite metrics for ``engine.state.metrics`` / MLflow: per-disease and mean AUC and IoUs."""
+        """Return flat, finite metrics for ``engine.state.metrics`` / MLflow: per-disease and mean AUC, IoUs and
+        grounding metrics (``<column>_<disease>``, e.g. ``cnr_edema``, ``cnr_std_edema``, ``miou_mean``)."""
         out = {}
         for row in per_disease.itertuples():
             name = slug(row.category_name)
-            out.update({f"{c}_{name}": getattr(row, c) for c in METRIC_COLUMNS})
+            out.update({f"{c}_{name}": getattr(row, c) for c in (*METRIC_COLUMNS, *GROUNDING_DISEASE_COLUMNS)})
             out[f"n_images_{name}"] = float(row.n_images)
         for status in STATUSES[1:]:
             out[f"n_{status}"] = float(per_disease.iloc[-1][f"n_{status}"])
@@ -224,27 +263,55 @@ def _pct(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
 
 
+def _mean_std(mean: float, std: float, digits: int) -> str:
+    """``mean ± std`` with ``digits`` decimals; the mean alone when the std is NaN (the mean row), n/a for NaN."""
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None and math.isfinite(std) else "")
+
+
+def _reference(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
 def markdown_report(per_disease: pd.DataFrame, per_token: pd.DataFrame, per_image: pd.DataFrame,
                     settings: dict | None = None) -> str:
-    """Return the Markdown report: per-disease AUC-ROC (%) and GMM IoUs next to the paper's 79.6 % mean, and the
-    findings left out because their image is missing or cannot be decoded."""
+    """Return the Markdown report: per-disease AUC-ROC (%), GMM IoUs and grounding metrics next to the paper's
+    79.6 % mean, the published MS-CXR averages to read them against, and the findings left out because their
+    image is missing or cannot be decoded."""
     lines = ["# MS-CXR disease localisation: pixel AUC-ROC of the finding's attention", ""]
     if settings:
         lines += [", ".join(f"{k}: `{v}`" for k, v in settings.items()), ""]
-    lines += ["| finding | images | AUC-ROC (%) | centre prior AUC (%) | IoU 2-GMM (%) | IoU 3-GMM (%) "
-              "| skipped: one class / no word |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| finding | images | AUC-ROC (%) | centre prior AUC (%) | IoU 2-GMM (%) | IoU 3-GMM (%) | CNR | mIoU "
+              "| pointing (%) | CoM distance, px (% of diagonal) | skipped: one class / no word |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in per_disease.itertuples():
         name = "**mean**" if row.category_name == "mean" else row.category_name
         lines.append(f"| {name} | {row.n_images} | {_pct(row.auc_roc)} | {_pct(row.auc_centre_prior)} "
-                     f"| {_pct(row.iou_gmm2)} | {_pct(row.iou_gmm3)} "
+                     f"| {_pct(row.iou_gmm2)} | {_pct(row.iou_gmm3)} | {_mean_std(row.cnr, row.cnr_std, 2)} "
+                     f"| {_mean_std(row.miou, row.miou_std, 3)} | {_pct(row.pointing_acc)} "
+                     f"| {_mean_std(row.com_distance, row.com_distance_std, 1)} ({_pct(row.com_distance_rel)}) "
                      f"| {row.n_one_class_mask} / {row.n_no_disease_word} |")
-    lines.append(f"| paper (Stable Diffusion fine-tuned on MIMIC-CXR), mean of 8 | | {PAPER_MEAN_AUC} | | | | |")
+    lines.append(f"| paper (Stable Diffusion fine-tuned on MIMIC-CXR), mean of 8 | | {PAPER_MEAN_AUC} |" + " |" * 8)
     missing = int(per_disease.iloc[-1]["n_missing"])
-    lines += ["", "The mean row averages the per-disease means (as the paper's mean over eight diseases). "
-              "IoU: M_pre (GMM + 3x3 mean filter) against the box mask; the 3-GMM keeps the brightest of three "
+    lines += ["", "The mean row averages the per-disease means (as the paper's mean over eight diseases); ± is the "
+              "population standard deviation over a disease's findings. "
+              "IoU: M_pre (GMM + 3x3 mean filter) against the box mask (`iou_gmm2` is the box IoU of the paper's "
+              "GMM mask; no separate box IoU column); the 3-GMM keeps the brightest of three "
               "components (background, chest, finding), where the paper notes the 2-GMM fails. Centre prior: the "
               "AUC of a word-agnostic map (minus the distance to the image centre) on the same masks, a control for "
-              "where the boxes lie."]
+              "where the boxes lie.",
+              "",
+              "Grounding metrics (`foba_med.grounding`), all on the min-max normalised M̂ bilinearly upsampled to the "
+              "box mask: CNR = |mu_in - mu_out| / sqrt(var_in + var_out) over the pixels inside vs outside the box "
+              "mask (population variances; 0 for a constant map; the signed CNR, without the absolute value, is in "
+              "the CSV); mIoU = the IoU of the map >= t with the box mask averaged over t = 0.1, 0.2, 0.3, 0.4, 0.5 "
+              "(BioViL's mIoU, not the (IoU_fg + IoU_bg) / 2 of the paper's Tables 1-2; 0 for a constant map); "
+              "pointing = the share of findings whose map maximum (the first in row-major order on ties) lies in "
+              "the box mask; CoM distance = from the map-weighted centre of mass to the nearest box centre, in "
+              "mask pixels and as % of the image diagonal (a constant map has none and is left out of it). "
+              "Findings whose box mask covers the whole image or none of it are skipped (one class): CNR needs "
+              "pixels on both sides."]
     if missing:
         lines += ["", f"{missing} finding(s) left out because their image is missing on disk (see per_image.csv)."]
     unreadable = per_image[per_image["status"] == "unreadable"]
@@ -252,6 +319,11 @@ def markdown_report(per_disease: pd.DataFrame, per_token: pd.DataFrame, per_imag
         names = sorted(set(unreadable["dicom_id"]))
         lines += ["", f"{len(unreadable)} finding(s) left out because their image cannot be decoded: {len(names)} "
                   f"image(s), {', '.join(names)} (see per_image.csv)."]
+    lines += ["", "## Published MS-CXR averages", "",
+              "For orientation: other models, maps, resolutions and evaluation splits.", "",
+              "| model | AUC-ROC (%) | CNR | mIoU | source |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {model} | {_reference(auc, 1)} | {_reference(cnr, 2)} | {_reference(miou, 3)} | {source} |"
+              for model, auc, cnr, miou, source in REFERENCES]
     if len(per_token):
         lines += ["", "## Per sub-token AUC-ROC (%)", "", "| finding | token | images | AUC-ROC (%) |",
                   "|---|---|---:|---:|"]

@@ -4,6 +4,7 @@ and a rerun into its output folder with other settings refused."""
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -20,6 +21,7 @@ from foba_med.evaluate import (
     open_findings,
     prepare_item,
 )
+from foba_med.grounding import compute_com_distance, compute_miou, compute_pointing_hit
 from foba_med.mimic import CXRImageError
 from foba_med.ms_cxr import MS_CXR_FILE, box_mask
 from foba_med.scoring import CXREvalWriter, centre_prior, min_max, score_finding
@@ -118,10 +120,10 @@ def test_a_prompt_without_the_disease_word_is_left_out_unless_the_fallback_is_as
     assert "".join(rec["tokens"]).replace("</w>", "") == "moderatecardiomegaly"
 
 
-def _record(heat, mask, category="Edema", tokens=("edema</w>",), token_maps=None):
+def _record(heat, mask, category="Edema", tokens=("edema</w>",), token_maps=None, boxes=((0, 0, 2, 2),)):
     return {"id": f"x__{category}", "dicom_id": "x", "category_name": category, "split": "test", "prompt": "p",
             "token_source": "disease_words", "tokens": list(tokens), "image": torch.rand(3, *mask.shape),
-            "mask": mask, "boxes": torch.tensor([[0, 0, 2, 2]]), "heat": heat,
+            "mask": mask, "boxes": torch.tensor(boxes), "heat": heat,
             "token_maps": heat[None] if token_maps is None and heat is not None else token_maps}
 
 
@@ -135,7 +137,7 @@ def test_auc_equals_sklearn_on_the_same_pixels(tmp_path):
     assert score_finding(heat, mask) == pytest.approx(expected, abs=1e-12)
     writer = CXREvalWriter(str(tmp_path))
     maps = torch.stack([heat, torch.rand(8, 8, generator=g)])
-    writer.update([_record(heat, mask, "Pleural Effusion", ("pleural</w>", "effusion</w>"), maps)])
+    writer.update([_record(heat, mask, "Pleural Effusion", ("pleural</w>", "effusion</w>"), maps, ((5, 3, 14, 9),))])
     row = writer.rows[-1]
     assert row["status"] == "scored" and row["auc_roc"] == pytest.approx(expected, abs=1e-12)
     assert row["per_token_auc"].startswith(f"pleural</w>={expected:.4f} effusion</w>=")
@@ -144,6 +146,46 @@ def test_auc_equals_sklearn_on_the_same_pixels(tmp_path):
     per_disease, per_token, _ = writer.tables()
     assert per_disease.iloc[0]["auc_roc"] == pytest.approx(expected) and per_disease.iloc[-1]["category_name"] == "mean"
     assert per_token["token"].tolist() == ["pleural</w>", "effusion</w>"]
+    # the grounding metrics of the same normalised, upsampled map against the mask and its box (x1 y1 x2 y2)
+    inside, outside = up[mask].double().numpy(), up[~mask].double().numpy()
+    contrast, noise = inside.mean() - outside.mean(), np.sqrt(inside.var() + outside.var())  # population variances
+    assert row["cnr"] == pytest.approx(abs(contrast) / noise) and row["cnr_signed"] == pytest.approx(contrast / noise)
+    assert row["miou"] == pytest.approx(compute_miou(up, mask))
+    assert row["pointing_acc"] == compute_pointing_hit(up, mask)
+    assert row["com_distance"] == pytest.approx(compute_com_distance(up, [[5, 3, 14, 9]]))
+    assert row["com_distance_rel"] == pytest.approx(row["com_distance"] / np.hypot(16, 16))
+    metrics = writer.write()
+    table = pd.read_csv(tmp_path / "auc_per_disease.csv")
+    new = ["cnr", "cnr_std", "cnr_signed", "cnr_signed_std", "miou", "miou_std", "pointing_acc", "com_distance",
+           "com_distance_std", "com_distance_rel", "com_distance_rel_std"]
+    means = [c for c in new if not c.endswith("_std")]
+    assert list(table.columns[-len(new):]) == new and set(means) <= set(pd.read_csv(tmp_path / "per_image.csv"))
+    disease, mean = table.iloc[0], table.iloc[-1]
+    assert all(np.isfinite(disease[c]) for c in new) and disease["cnr"] == pytest.approx(abs(contrast) / noise)
+    assert all(mean[c] == pytest.approx(disease[c]) for c in means) and disease["cnr_std"] == 0  # one finding
+    for c in means:  # MLflow: the disease's and the mean's values
+        assert metrics[f"{c}_pleural_effusion"] == pytest.approx(disease[c]) == metrics[f"{c}_mean"]
+    assert metrics["miou_std_pleural_effusion"] == 0 and "miou_std_mean" not in metrics  # NaN: left out
+    report = (tmp_path / "auc_per_disease.md").read_text()
+    assert f"| {abs(contrast) / noise:.2f} ± 0.00 | {disease['miou']:.3f} ± 0.000 |" in report
+    assert "## Published MS-CXR averages" in report and "| BioViL |" in report and "| BioViL-T |" in report
+    assert "| 1.07 | 0.229 | Boecking et al." in report and "| 1.33 | 0.240 | Bannur et al." in report
+
+
+def test_a_constant_map_scores_cnr_0_and_miou_0_and_has_no_centre_of_mass(tmp_path):
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[:4] = True
+    boxes = ((0, 0, 8, 4),)
+    writer = CXREvalWriter(str(tmp_path))
+    with pytest.warns(UserWarning, match="distinct finite value"):  # the GMMs of the constant map
+        writer.update([_record(torch.arange(16.0).reshape(4, 4).flip(0), mask, boxes=boxes),  # brightest on top
+                       _record(torch.full((4, 4), 2.0), mask, boxes=boxes)])
+    informative, constant = writer.rows
+    assert constant["cnr"] == 0 and constant["miou"] == 0 and np.isnan(constant["com_distance"])
+    assert np.isnan(constant["com_distance_rel"]) and informative["cnr"] > 0
+    edema = writer.tables()[0].set_index("category_name").loc["Edema"]
+    assert edema["cnr"] == pytest.approx(informative["cnr"] / 2)  # the constant map's 0 counts
+    assert edema["com_distance"] == pytest.approx(informative["com_distance"]) and edema["com_distance_std"] == 0
 
 
 def test_centre_prior_ranks_a_centred_disc_perfectly():
@@ -259,6 +301,7 @@ def test_bundle_runs_end_to_end_with_mlflow(phantom, tmp_path):
     client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs and runs[0].data.metrics["auc_roc_mean"] == pytest.approx(mean["auc_roc"])
+    assert runs[0].data.metrics["miou_mean"] == pytest.approx(mean["miou"])
     # a missing model fails before anything else happens, naming the train command
     wf = ConfigWorkflow(config_file=str(EVALUATE), workflow_type="infer", phantom_dir=str(tmp_path / "new"),
                         mimic_dir=str(tmp_path / "new"), model_dir=str(tmp_path / "absent"), output_dir=str(out))
