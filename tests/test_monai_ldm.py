@@ -309,3 +309,20 @@ def test_the_evaluate_bundle_runs_on_a_zoo_layout_bundle_with_a_separate_text_en
     per_image = pd.read_csv(out / "per_image.csv")
     assert (per_image["status"] == "scored").sum() >= 4
     assert per_image.loc[per_image["status"] == "scored", "auc_roc"].between(0, 1).all()
+
+
+def test_the_zoo_model_measurement_runs_one_finding_through_the_evaluation(tmp_path, monkeypatch):
+    from foba_med import zoo_model
+    from tiny_monai import AUTOENCODER, DIFFUSION
+
+    assert zoo_model.published_text_encoder_parameters() > 3e8  # OpenCLIP ViT-H/14's text tower: about 340 M
+    monkeypatch.setattr(zoo_model, "AUTOENCODER", {"_target_": "monai.networks.nets.AutoencoderKL", **AUTOENCODER})
+    monkeypatch.setattr(zoo_model, "DIFFUSION", {"_target_": "monai.networks.nets.DiffusionModelUNet", **DIFFUSION})
+    monkeypatch.setattr(zoo_model, "TEXT_ENCODER", {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 37,
+                                                    "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                    "max_position_embeddings": 77, "hidden_act": "gelu"})
+    out = zoo_model.measure(tmp_path, t0=2)
+    assert out["image_size"] == 128 and out["latent"] == [64, 64]  # no latent_shape: the zoo model's 64 x 64
+    assert out["tokens"] and out["seconds_per_image"] > 0 and out["peak_rss_bytes"] > 0
+    unet = torch.load(tmp_path / "zoo_cxr_ldm" / "models" / "diffusion_model.pth", weights_only=True)
+    assert out["parameters"]["diffusion_unet"] == sum(v.numel() for v in unet.values())
