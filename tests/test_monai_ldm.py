@@ -326,3 +326,22 @@ def test_the_zoo_model_measurement_runs_one_finding_through_the_evaluation(tmp_p
     assert out["tokens"] and out["seconds_per_image"] > 0 and out["peak_rss_bytes"] > 0
     unet = torch.load(tmp_path / "zoo_cxr_ldm" / "models" / "diffusion_model.pth", weights_only=True)
     assert out["parameters"]["diffusion_unet"] == sum(v.numel() for v in unet.values())
+
+
+@pytest.mark.slow
+def test_the_main_job_runs_on_a_monai_bundle_given_as_pretrained(tmp_path, bundle, text_dir):
+    import pandas as pd
+
+    from foba_core.models import load_pipeline
+    from foba_core.monai_ldm import MonaiLDM
+    from test_toy_pipeline import _run
+
+    _run(tmp_path, pretrained=str(bundle), text_encoder=str(text_dir), segment_crop=12)  # 16-pixel model images
+    out = tmp_path / "toy"
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 7 and results[["acc", "iou", "miou"]].apply(lambda c: c.between(0, 100)).all().all()
+    finetuned = load_pipeline(out / "finetune" / "model")  # saved as a bundle folder, the text side inside
+    assert isinstance(finetuned, MonaiLDM)
+    source = torch.load(bundle / "models" / "diffusion_model.pth", weights_only=True)
+    assert not torch.equal(finetuned.unet.model.state_dict()["conv_in.conv.weight"], source["conv_in.conv.weight"])
+    assert json.loads((out / "stage1" / "stage.json").read_text())["settings"]["text_encoder"] == str(text_dir)
