@@ -6,7 +6,9 @@ diffusers ``UNet2DConditionModel`` and restores the original processors on exit;
 ``CrossAttentionBlock`` the same way, and the class's forward (flash attention, if configured) returns on exit. The processor
 computes the attention probabilities psi = softmax(Q K^T / sqrt(d)) (Eq. 2) itself, keeps only the
 target tokens' columns, averages them over heads, upsamples them to the latent resolution and adds
-them to running sums. Self-attention keeps its fused kernel.
+them to running sums. Self-attention keeps its fused kernel. Under mixed precision (a float16 / bfloat16
+U-Net) the captured probabilities are computed from the layer's Q and K in float32, and the running sums and M̂
+are float32.
 """
 
 from __future__ import annotations
@@ -108,13 +110,13 @@ class _CaptureProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # (B, heads, Q, L)
-        if attn.upcast_attention or attn.upcast_softmax:
-            scores = scores.float()
+        # psi in float32 whatever the U-Net's dtype (mixed precision): the captured maps keep full precision
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # (B, heads, Q, L)
         if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.softmax(dim=-1).to(value.dtype)  # psi(Q_l, K_l^T), Eq. 2
+            scores = scores + attention_mask.float()
+        probs = scores.softmax(dim=-1)  # psi(Q_l, K_l^T), Eq. 2
         self.capture._add(self.name, probs)
+        probs = probs.to(value.dtype)
         hidden_states = torch.matmul(probs, value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -323,12 +325,14 @@ def heat_maps(unet, scheduler, z0: torch.Tensor, text_hidden: torch.Tensor, weig
 
     ``text_hidden`` (N, L, D) and ``weights`` (N, L, n) belong to each image's prompt; each z_t is an
     independent ``q_sample(z0, t)`` with noise from a generator seeded by ``seed``. Images x timesteps
-    run through the U-Net in chunks sized by ``budget_bytes``.
+    run through the U-Net in chunks sized by ``budget_bytes``. z_t and the text go into the U-Net at its dtype
+    (z0 may be float32 for a float16 / bfloat16 U-Net); the maps are float32 whatever that dtype.
     """
     timesteps = authors_timesteps(40, scheduler.config.num_train_timesteps) if timesteps is None else list(timesteps)
     n_img, n_t = z0.shape[0], len(timesteps)
     latent_hw = tuple(z0.shape[-2:])
     device = z0.device
+    dtype = next(unet.parameters()).dtype  # z_t and the text go in at the U-Net's dtype; M̂ is summed in float32
     budget = default_budget_bytes(device) if budget_bytes is None else budget_bytes
     if not hasattr(unet, "config"):  # MONAI's DiffusionModelUNet itself: its widths through the adapter's config
         from foba_core.monai_ldm import MonaiUNet
@@ -340,8 +344,9 @@ def heat_maps(unet, scheduler, z0: torch.Tensor, text_hidden: torch.Tensor, weig
     noise = torch.randn((n_t, *z0.shape), generator=gen).to(z0)  # independent noise per (t, image)
     t_all = torch.tensor(timesteps, device=device)
     rows = [(i, k) for i in range(n_img) for k in range(n_t)]  # image-major: an image's timesteps stay together
-    total = torch.zeros(n_img, weights.shape[-1], *latent_hw, device=device)
-    per_t = torch.zeros(n_img, n_t, weights.shape[-1], *latent_hw, device=device) if per_timestep else None
+    total = torch.zeros(n_img, weights.shape[-1], *latent_hw, device=device, dtype=torch.float32)
+    per_t = (torch.zeros(n_img, n_t, weights.shape[-1], *latent_hw, device=device, dtype=torch.float32)
+             if per_timestep else None)
     layers: dict[str, torch.Tensor] = {}
     with AttentionCapture(unet, latent_hw, per_layer=per_layer, stop_after_last=True) as cap:
         for start in tqdm(range(0, len(rows), chunk), desc="attention heat maps", disable=not progress, mininterval=2):
@@ -350,7 +355,7 @@ def heat_maps(unet, scheduler, z0: torch.Tensor, text_hidden: torch.Tensor, weig
             z_t = scheduler.add_noise(z0[img], noise[tk, img], t_all[tk])  # q_sample(z0, t)
             cap.select(weights[img], context_rows=img)  # an image's timesteps share its prompt's K and V
             kwargs = {"encoder_attention_mask": text_mask[img]} if text_mask is not None else {}
-            cap.forward(z_t, t_all[tk], text_hidden[img], **kwargs)
+            cap.forward(z_t.to(dtype), t_all[tk], text_hidden[img].to(dtype), **kwargs)
             maps, per_layer_maps = cap.pop()
             total.index_add_(0, img, maps)  # sum over t (Eq. 4)
             if per_t is not None:
