@@ -9,8 +9,12 @@
 ``python -m foba_core.bench cxr-paper-scale [--t0 40] [--dtype float32] [--quick]``
     The chest X-ray evaluation at the paper's scale: one MS-CXR-like 512×512 radiograph and finding through
     ``foba_med.evaluate.CXREvalStep`` on SD 2.x base's architecture (``foba_core/model_configs/sd2_base``).
+``python -m foba_core.bench zoo-cxr [--t0 40] [--dtype float32]``
+    The MONAI model zoo CXR LDM's exact architecture with random weights, written as a bundle folder and read
+    by ``models.load_pipeline``; one 512×512 MS-CXR finding of the phantom through the evaluation: parameters,
+    seconds per image, peak memory (``foba_med.zoo_model``; no (a) / (b) comparison).
 
-Each runs, on the same model and inputs, in one process:
+The first three run, on the same model and inputs, in one process:
   (a) reference, the authors' way (``reference_heat_maps``): one timestep per U-Net forward pass, explicit
       softmax attention in every layer (self and cross, as CompVis' attention computes it), every
       cross-attention map of every token stored and reduced afterwards; paper-scale then binarises and
@@ -611,7 +615,7 @@ def main(argv=None, *, configs=None, memory_limit: float | None = None) -> dict:
     """
     parser = argparse.ArgumentParser(prog="python -m foba_core.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["attention", "paper-scale", "cxr-paper-scale"])
+    parser.add_argument("what", choices=["attention", "paper-scale", "cxr-paper-scale", "zoo-cxr"])
     parser.add_argument("--images", type=int, default=None, help="images per batch (attention: 4, paper-scale: 3)")
     parser.add_argument("--latent", type=int, default=32, help="attention: latent side length")
     parser.add_argument("--t0", type=int, default=None, help="timesteps of M̂ (default 40; --quick: 2)")
@@ -636,7 +640,18 @@ def main(argv=None, *, configs=None, memory_limit: float | None = None) -> dict:
         print(json.dumps(res))
         return res
     t0 = args.t0 if args.t0 is not None else (2 if args.quick else 40)
-    if args.what == "cxr-paper-scale":
+    if args.what == "zoo-cxr":
+        if args.images not in (None, 1) or args.ddim_steps is not None:
+            parser.error("zoo-cxr evaluates one image and refines nothing: no --images, no --ddim_steps")
+        import tempfile
+
+        from foba_med.zoo_model import measure
+
+        with tempfile.TemporaryDirectory() as tmp:  # the random bundle (2.4 GB) and its phantom, removed after
+            res = measure(tmp, t0, args.device, args.dtype)
+        print(f"zoo-cxr: the model zoo CXR LDM's architecture (random weights), one {res['image_size']}x"
+              f"{res['image_size']} MS-CXR finding, T0 {t0}: {res['seconds_per_image']} s per image")
+    elif args.what == "cxr-paper-scale":
         if args.images not in (None, 1) or args.ddim_steps is not None:
             parser.error("cxr-paper-scale evaluates one image and refines nothing: no --images, no --ddim_steps")
         from foba_med.bench import bench_cxr_paper_scale

@@ -134,9 +134,8 @@ def _monai_capture_forward(capture: "AttentionCapture", name: str, block):
         query = block.input_rearrange(block.to_q(x))  # (B, heads, Q, d)
         key, value = capture._project_context(block, context)
         key, value = block.input_rearrange(key), block.input_rearrange(value)  # (B, heads, L, d)
-        if block.attention_dtype is not None:
-            query, key = query.to(block.attention_dtype), key.to(block.attention_dtype)
-        scores = torch.einsum("bhqd,bhld->bhql", query, key) * block.scale  # (B, heads, Q, L)
+        # psi in float32 whatever the U-Net's dtype (MONAI's attention_dtype included), as for diffusers
+        scores = torch.einsum("bhqd,bhld->bhql", query.float(), key.float()) * block.scale  # (B, heads, Q, L)
         probs = scores.softmax(dim=-1)  # psi(Q_l, K_l^T), Eq. 2
         capture._add(name, probs)
         out = torch.einsum("bhql,bhld->bhqd", probs.to(value.dtype), value)
