@@ -566,7 +566,7 @@ def bench_paper_scale(images: int = 3, t0: int = 40, ddim_steps: int = 50, dtype
             m_pre = preliminary_masks(m_hat[:, 0].float().cpu(), random_state=seed)  # GMM + mean filter
             laps.lap("stage1")
             masks = refine_masks(pipe, x, m_pre, num_inference_steps=ddim_steps, seed=seed, n_samples=1,
-                                 fit="image")[0]  # Eq. 6 inpainting under y_b, then Eq. 5
+                                 fit="image", z0=z0)[0]  # Eq. 6 inpainting under y_b, then Eq. 5
             laps.lap("refine")
             return {"m_hat": m_hat.cpu(), "m_pre": m_pre, "masks": masks, "captured": captured}
         return run

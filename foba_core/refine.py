@@ -106,16 +106,19 @@ def _masks_from(images: torch.Tensor, filled: torch.Tensor, m_pre: torch.Tensor,
 def refine_masks(pipe, images: torch.Tensor, m_pre: torch.Tensor, prompt: str = BACKGROUND_PROMPT,
                  scheduler: str = "DDIMScheduler", num_inference_steps: int = 50, seed: int = 0,
                  strength: float = 1.0, random_state: int | None = 0, n_samples: int = 1,
-                 fit: str = "m_pre") -> tuple[torch.Tensor, torch.Tensor]:
+                 fit: str = "m_pre", z0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the refined masks M (B, H, W) bool of Eq. 5 and the inpaintings m'(z̃0, y_b) (K, B, 3, H, W).
 
     ``n_samples`` = K inpaintings of each image with independent noise (image i, inpainting k: seed
     ``derive_seed(seed + i, "inpainting", k)``; K = 1 is the paper's single inpainting); Eq. 5 takes their
-    mean difference. ``fit`` is where g is fitted (``masks.refined_mask``).
+    mean difference. ``fit`` is where g is fitted (``masks.refined_mask``). ``z0`` are the images' latents
+    (``diffusion.encode_latents``) when the caller has them, e.g. from stage 1 in the same process, with the
+    same model's VAE; otherwise the images are encoded here.
     """
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be >= 1 (inpaintings per image), got {n_samples}")
-    z0 = _encode_images(pipe, images)  # (B, C, h, w), encoded once for the K inpaintings
+    if z0 is None:
+        z0 = _encode_images(pipe, images)  # (B, C, h, w), encoded once for the K inpaintings
     inpainted = torch.stack([decode_latents(pipe, inpaint_latents(
         pipe, z0, m_pre, prompt, scheduler, num_inference_steps, seed, strength, sample=k))
         for k in range(int(n_samples))])  # (K, B, 3, H, W)

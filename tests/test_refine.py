@@ -152,6 +152,13 @@ def test_refine_masks_stay_inside_the_upsampled_preliminary_mask(pipe):
     for i in range(2):  # Eq. 5 on the returned inpainting, g fitted on the whole map
         diff = (images[i] - inpainted[0, i]).abs().mean(0)
         assert torch.equal(masks[i], up[i] & binarize_gmm(diff))
+    from foba_core.diffusion import encode_latents
+
+    again = refine_masks(pipe, images, m_pre, num_inference_steps=3, fit="image", z0=encode_latents(pipe, images))
+    assert torch.equal(again[0], masks) and torch.equal(again[1], inpainted)  # stage 1's latents, same result
+    other = refine_masks(pipe, images, m_pre, num_inference_steps=3, fit="image",
+                         z0=encode_latents(pipe, images.flip(0)))
+    assert not torch.equal(other[1], inpainted)  # the latents given are the ones inpainted
 
 
 def test_several_inpaintings_draw_independent_noise_and_eq5_averages_them(pipe):
