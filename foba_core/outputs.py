@@ -131,3 +131,17 @@ def read_scores(path: str) -> dict:
     """Return a stage's ``scores.json``."""
     with open(path) as f:
         return json.load(f)
+
+
+def test_split_evaluator(step, images: dict, output_dir: str, batch_size: int, box_evaluation: bool, device):
+    """Return the MONAI ``Evaluator`` of a mask step (``refine.MaskStep``) on the test split alone: its masks and
+    scores written by ``MaskWriter`` into ``output_dir/test`` (the ablations beside M: M_crop, M from the
+    un-fine-tuned model, the paper's Eq. 5)."""
+    from ignite.handlers import ProgressBar
+    from monai.engines import Evaluator
+
+    from foba_core.splits import collate_items
+
+    loader = torch.utils.data.DataLoader(images["test"], batch_size=int(batch_size), collate_fn=collate_items)
+    return Evaluator(device=device, val_data_loader=loader, iteration_update=step, decollate=False,
+                     val_handlers=[MaskWriter(output_dir, images, box_evaluation), ProgressBar(persist=True)])

@@ -19,9 +19,13 @@ from foba_core.outputs import load_masks, read_scores, score_masks
 from foba_core.stages import stage_seconds
 from foba_core.visualize import draw_boxes, mask_overlay, save_grid, thumbnail, to_uint8
 
-# method -> the stage folder holding its test masks (None: M_pre, from stage 1)
-METHODS = {"M_pre": None, "M_crop": "crop", "M_refined": "refine", "unet_M_pre": "unet_M_pre", "unet_M": "unet_M",
+# method -> the stage folder holding its test masks (None: M_pre, from stage 1), in the tables' order
+METHODS = {"M_pre": None, "M_crop": "crop", "M_refined_unfinetuned": "refine_base",
+           "M_refined_paper_eq5": "refine_eq5", "M_refined": "refine", "unet_M_pre": "unet_M_pre", "unet_M": "unet_M",
            "unet_M_plus_synthetic": "unet_M_plus_synthetic", "unet_supervised": "unet_supervised"}
+# ablation rows, reported where their stage ran: M by Eq. 5 with the un-fine-tuned m (no stage 2), and M by the
+# paper's Eq. 5 (one inpainting, g on the whole map) where the default refinement is another variant
+OPTIONAL = ("M_refined_unfinetuned", "M_refined_paper_eq5")
 PAPER_CUB = {  # Table 2 (CUB), ACC / IoU / mIoU in %
     "M_pre": (83.5, 29.0, 55.7), "M_crop": (90.0, 30.7, 60.0), "unet_M_pre": (91.7, 66.5, 78.2),
     "M_refined": (92.4, 63.6, 77.4), "unet_M": (95.2, 75.1, 84.8), "unet_M_plus_synthetic": (95.6, 77.2, 86.0),
@@ -43,12 +47,16 @@ def number(value, digits: int) -> str:
     return "" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def test_masks(output_dir: str, test, box_evaluation: bool) -> tuple[dict, dict]:
-    """Return ({method: its test scores}, {method: its test masks (N, S, S)}) from the stages' outputs."""
+def test_masks(output_dir: str, test, box_evaluation: bool, leave_out: tuple = ()) -> tuple[dict, dict]:
+    """Return ({method: its test scores}, {method: its test masks (N, S, S)}) from the stages' outputs (the
+    ``OPTIONAL`` ablations only where their stage ran, none of ``leave_out``)."""
     from foba_core.finetune import load_stage1
 
     scores, masks = {}, {}
     for method, stage in METHODS.items():
+        if method in leave_out or (method in OPTIONAL and not os.path.isfile(
+                os.path.join(output_dir, stage, "test", "scores.json"))):
+            continue
         if stage is None:
             m_pre = load_stage1(os.path.join(output_dir, "stage1", "test", "stage1.pt"))["m_pre"]
             masks[method] = upsample_mask(m_pre, (test.size, test.size))
@@ -72,7 +80,7 @@ def results_lines(rows: list[dict], box_evaluation: bool, n_test: int, skipped: 
                                              if skipped else ".")]
     lines = ["| method | ACC | IoU | mIoU | paper (CUB) ACC / IoU / mIoU |", "|---|---|---|---|---|"]
     for r in rows:
-        paper = " / ".join(f"{v:.1f}" for v in PAPER_CUB[r["method"]])
+        paper = " / ".join(f"{v:.1f}" for v in PAPER_CUB[r["method"]]) if r["method"] in PAPER_CUB else ""
         lines.append(f"| {r['method']} | {r['acc']:.1f} | {r['iou']:.1f} | {r['miou']:.1f} | {paper} |")
     return lines
 
@@ -178,6 +186,16 @@ def refinement_line(output_dir: str, n_images: int, settings: tuple) -> str:
             f"with {steps} steps, batch {batch}, on {device}).")
 
 
+def ablation_lines(rows: list[dict]) -> list[str]:
+    """Return the results.md lines that say what the ablation rows present in ``rows`` are."""
+    what = {"M_refined_unfinetuned": "M_refined_unfinetuned: the same Eq. 5 with the un-fine-tuned model m (no "
+                                     "fine-tuning stage), what fine-tuning contributes.",
+            "M_refined_paper_eq5": "M_refined_paper_eq5: the fine-tuned m' with Eq. 5 as the paper states it (one "
+                                   "inpainting, g fitted on the whole difference map), beside this run's variant."}
+    present = [what[r["method"]] for r in rows if r["method"] in what]
+    return ["", " ".join(present)] if present else []
+
+
 def write_report(output_dir: str, test, n_train: int, box_evaluation: bool, fid_parts: list[str],
                  fid_network=None, fid_samples: int = 0, paper_column: str = "paper_fid",
                  score_column: str = "score", dataset: str | None = None, refine_settings: tuple = (),
@@ -187,8 +205,10 @@ def write_report(output_dir: str, test, n_train: int, box_evaluation: bool, fid_
     ``test`` is the test split (``splits.SplitImages``), ``fid_parts`` the JSON files of fid.csv rows in order
     (stage folders relative to ``output_dir``); returns the results rows.
     """
-    scores, masks = test_masks(output_dir, test, box_evaluation)
-    rows = [{"method": m, **scores[m]} for m in METHODS]
+    paper_eq5 = len(refine_settings) > 3 and (int(refine_settings[2]), refine_settings[3]) == (1, "image")
+    # where M itself is the paper's Eq. 5, an M_refined_paper_eq5 of an earlier run with other settings is left out
+    scores, masks = test_masks(output_dir, test, box_evaluation, ("M_refined_paper_eq5",) if paper_eq5 else ())
+    rows = [{"method": m, **scores[m]} for m in METHODS if m in scores]
     fids = []
     for part in fid_parts:
         with open(os.path.join(output_dir, part)) as f:
@@ -201,6 +221,7 @@ def write_report(output_dir: str, test, n_train: int, box_evaluation: bool, fid_
     lines += fid_lines(fids, fid_network, fid_samples, paper_column, score_column)
     n_refined = n_train + len(test)
     lines += ["", refinement_line(output_dir, n_refined, refine_settings)]
+    lines += ablation_lines(rows)
     seconds = stage_seconds(output_dir, stages)
     lines += ["", f"Stage timings (s): {', '.join(f'{k} {v:.0f}' for k, v in seconds.items())}; "
                   f"total {sum(seconds.values()):.0f} s."]

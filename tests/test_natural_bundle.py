@@ -129,7 +129,9 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path,
                   fid_network=str(tmp_path / "net.pt"))
     _run("cub", **common)
     results = pd.read_csv(cub / "results.csv")
-    assert list(results.columns) == ["method", "acc", "iou", "miou"] and tuple(results["method"]) == tuple(METHODS)
+    assert list(results.columns) == ["method", "acc", "iou", "miou"]
+    assert tuple(results["method"]) == tuple(m for m in METHODS if m != "M_refined_paper_eq5")  # M is the paper's
+    assert "M_refined_unfinetuned: the same Eq. 5 with the un-fine-tuned model m" in (cub / "results.md").read_text()
     assert results[["acc", "iou", "miou"]].apply(lambda c: c.between(0, 100)).all().all()
     table = pd.read_csv(cub / "table3.csv")
     assert len(table) == 1 and table.loc[0, "dataset"] == "cub" and table.loc[0, "iou_kind"] == "pixel IoU"
@@ -160,11 +162,13 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path,
     records = {n: (cub / n / "stage.json").read_text() for n in os.listdir(cub) if (cub / n / "stage.json").exists()}
     out = _run("cub", capsys, **common)  # a rerun: every stage is read back, nothing recomputed
     assert {n: (cub / n / "stage.json").read_text() for n in records} == records
-    assert out.count(": skipped,") == len(records) == 11 and pd.read_csv(cub / "results.csv").equals(results)
+    assert out.count(": skipped,") == len(records) == 12 and pd.read_csv(cub / "results.csv").equals(results)
 
     out = _run("cub", capsys, **common, refine_samples=2)  # one changed setting: exactly its dependants rerun
     rerun = sorted(re.findall(r"stage (\S+): rerun", out))
-    assert rerun == ["refine", "synthetic", "unet_M", "unet_M_plus_synthetic"], out
+    assert rerun == ["refine", "refine_base", "synthetic", "unet_M", "unet_M_plus_synthetic"], out
+    assert "stage refine_eq5: running" in out  # the paper's Eq. 5 beside K = 2, first time
+    assert "M_refined_paper_eq5" in set(pd.read_csv(cub / "results.csv")["method"])
     assert "refine_samples: 1 -> 2" in out
     skipped = set(re.findall(r"stage (\S+): skipped", out))
     assert skipped == {"images", "stage1", "finetune", "crop", "unet_M_pre", "unet_supervised", "guidance"}
@@ -173,7 +177,8 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path,
     _run("dogs", dataset_dir=str(tmp_path / "dogs"), pretrained=str(tmp_path / "sd"), output_dir=str(dogs),
          max_images=2, amp=True)  # autocast is CUDA-only: on the CPU the option must leave training intact
     results = pd.read_csv(dogs / "results.csv")
-    assert list(results.columns) == ["method", "box_iou", "box_iou_best"] and tuple(results["method"]) == tuple(METHODS)
+    assert list(results.columns) == ["method", "box_iou", "box_iou_best"]
+    assert tuple(results["method"]) == tuple(m for m in METHODS if m != "M_refined_paper_eq5")
     assert (results["box_iou"].between(0, 100) & results["box_iou_best"].between(0, 100)).all()
     table = pd.read_csv(dogs / "table3.csv", keep_default_na=False)
     assert table.loc[0, "fid"] == FID_NOT_COMPUTED and table.loc[0, "iou_kind"].startswith("box IoU")

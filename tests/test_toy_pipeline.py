@@ -32,8 +32,8 @@ def test_the_toy_main_job_runs_every_stage_and_one_stage_reruns_alone(tmp_path, 
     _run(tmp_path)
     out = tmp_path / "toy"
     results = pd.read_csv(out / "results.csv")
-    assert tuple(results["method"]) == ("M_pre", "M_crop", "M_refined", "unet_M_pre", "unet_M",
-                                        "unet_M_plus_synthetic", "unet_supervised")
+    assert tuple(results["method"]) == ("M_pre", "M_crop", "M_refined_unfinetuned", "M_refined_paper_eq5", "M_refined",
+                                        "unet_M_pre", "unet_M", "unet_M_plus_synthetic", "unet_supervised")
     assert results[["acc", "iou", "miou"]].apply(lambda c: c.between(0, 100)).all().all()
     fid = pd.read_csv(out / "fid.csv")
     assert fid["w"].tolist() == ["1.0", "3.0", "7.5", "vae_reconstruction", "-1.0", "real",
