@@ -65,6 +65,29 @@ def test_background_fraction_adds_object_free_scenes_and_keeps_the_others():
         ToyWorld("train", background_fraction=1.0)
 
 
+def test_the_target_domain_keeps_shapes_and_masks_on_backgrounds_unseen_in_pretraining():
+    from foba_core.data import open_dataset
+    from foba_core.toy.world import BACKGROUNDS, TARGET_BACKGROUNDS, toy_backgrounds
+
+    foundation, target = ToyWorld("test", size=40, seed=0), open_dataset("toy_target", None, split="test", size=40)
+    assert target.domain == "target" and foundation.domain == "foundation"
+    kinds = {target[i]["background"] for i in range(40)}
+    assert kinds == set(TARGET_BACKGROUNDS) and not kinds & set(BACKGROUNDS)
+    for i in range(40):
+        a, b = foundation[i], target[i]
+        assert a["label"] == b["label"] and a["caption"] == b["caption"]  # the same concept words
+        assert not torch.equal(a["image"], b["image"])
+        mask, image = b["mask"], b["image"]
+        assert mask.any() and image[:, mask].std(dim=1).max() < 0.2  # the object: one shaded colour, exact mask
+        assert torch.equal(b["image"], target[i]["image"])  # deterministic
+    # the muted palette: target backgrounds stay within [0.25, 0.75] per channel (clutter included)
+    texture = toy_backgrounds(16, seed=0, domain="target")
+    assert texture.min() >= 0.24 and texture.max() <= 0.76
+    assert toy_backgrounds(16, seed=0).max() > 0.9  # the foundation textures span [0, 1]
+    with pytest.raises(ValueError, match="unknown toy domain 'beach'"):
+        ToyWorld("test", domain="beach")
+
+
 def test_toy_tokenizer_is_deterministic_and_keeps_the_object_words_whole(tmp_path):
     from foba_core.toy.ldm import build_tokenizer, learn_bpe, tokenizer_corpus
 

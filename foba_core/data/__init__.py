@@ -24,6 +24,7 @@ READERS = {
     "cars": ("foba_core.data.cars", "StanfordCars"),
     "h36m": ("foba_core.data.h36m", "Human36M"),
     "toy": ("foba_core.toy.world", "ToyWorld"),
+    "toy_target": ("foba_core.toy.world", "ToyTarget"),
 }
 DATASETS = tuple(READERS)
 

@@ -26,7 +26,7 @@ def object_rows(pipe, network, backgrounds: torch.Tensor, real, n_real: int, see
     """Return the fid.csv rows of object scores: background samples (w = -1), real scenes, VAE backgrounds."""
     label = fid_label(network)
     real_images = torch.stack([real[i]["image"] for i in range(min(n_real, len(real)))])
-    textures = reconstruct(pipe, toy_backgrounds(len(backgrounds), seed))
+    textures = reconstruct(pipe, toy_backgrounds(len(backgrounds), seed, domain=real.domain))  # the scenes' domain
 
     def row(w, fid: float, images: torch.Tensor) -> dict:
         return {"w": w, "fid": fid, "object_score": float(object_score(network, images).mean()),

@@ -89,7 +89,7 @@ def train_toy_feature_network(world, steps: int = 1500, seed: int = 0, out_path=
     """Return the toy feature network (TorchScript) trained to classify the toy classes and background-only scenes.
 
     ``world`` is a ToyWorld split (items with ``image`` and ``label``); every batch also holds
-    background-only images of the toy world's textures (class ``"background"``), as many as an object
+    background-only images of the world's textures (its domain's; class ``"background"``), as many as an object
     class on average. Every training image is blurred by a Gaussian of random sigma in [0, ``max_blur``]
     pixels, so that the network judges objects and textures, not sharpness: an LDM's samples all pass
     through its VAE decoder, which blurs. Saved atomically to ``out_path`` when given.
@@ -111,7 +111,7 @@ def train_toy_feature_network(world, steps: int = 1500, seed: int = 0, out_path=
     blur_generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         items = [world[int(i)] for i in rng.integers(len(world), size=batch_size - n_background)]
-        backgrounds = [random_background(rng, size)[1] for _ in range(n_background)]  # (H, W, 3) each
+        backgrounds = [random_background(rng, size, world.domain)[1] for _ in range(n_background)]  # (H, W, 3)
         images = torch.cat([torch.stack([it["image"] for it in items]),
                             torch.from_numpy(np.stack(backgrounds)).permute(0, 3, 1, 2)])  # (B, 3, H, W)
         images = random_blur(images, max_blur, blur_generator)

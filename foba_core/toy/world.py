@@ -2,6 +2,13 @@
 
 Every item is generated from ``(seed, split, index)`` alone, so a split is reproducible
 without storing files and items can be generated in any order or in parallel.
+
+Two domains, as LAION and CUB differ for Stable Diffusion: the **foundation** world the toy LDM is pretrained on
+(``BACKGROUNDS``: noise, stripes, gradients, blotches, checkers, in colours drawn uniformly) and the **target**
+dataset the main job distils the object concept from (``TARGET_BACKGROUNDS``: dots, rings, waves and plaid, never
+seen in pretraining, in a muted palette, with thin clutter lines crossing the background). The shapes and their
+captions are the foundation world's, so the object words keep their meaning; what the pretrained model lacks
+is the target's backgrounds, which fine-tuning (paper Sec. 3, stage 2) has to teach it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from foba_core import prompts
 
 OBJECT_CLASSES = ("circle", "square", "triangle", "star", "cross", "diamond")
 BACKGROUNDS = ("noise", "stripes", "gradient", "blotches", "checker")
+TARGET_BACKGROUNDS = ("dots", "rings", "waves", "plaid")
+DOMAINS = {"foundation": BACKGROUNDS, "target": TARGET_BACKGROUNDS}
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -81,25 +90,70 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-def random_background(rng: np.random.Generator, size: int = 32) -> tuple[str, np.ndarray]:
-    """Draw a background kind and return it with its texture (size, size, 3) in [0, 1]."""
-    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    return kind, _background(kind, size, rng)
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    """A colour of the target palette: half way to mid grey."""
+    return (0.5 * _random_colour(rng) + 0.25).astype(np.float32)
 
 
-def toy_backgrounds(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
-    """Return ``n`` object-free toy textures (n, 3, size, size) in [0, 1], deterministic in ``seed``."""
+def _target_background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A target-domain background (size, size, 3) in [0, 1]: a texture unseen in pretraining, plus clutter lines."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c1, c2 = _muted_colour(rng), _muted_colour(rng)
+    if kind == "dots":
+        pitch = rng.uniform(4.0, 7.0)
+        ox, oy, radius = rng.uniform(0, pitch), rng.uniform(0, pitch), rng.uniform(0.22, 0.38) * pitch
+        dx, dy = (xx + ox) % pitch - pitch / 2, (yy + oy) % pitch - pitch / 2
+        w = (dx**2 + dy**2 < radius**2).astype(np.float32)
+    elif kind == "rings":
+        cx, cy, period = rng.uniform(-0.5, 1.5) * size, rng.uniform(-0.5, 1.5) * size, rng.uniform(4.0, 8.0)
+        w = (np.sin(2 * math.pi * np.hypot(xx - cx, yy - cy) / period) > 0).astype(np.float32)
+    elif kind == "waves":
+        angle, period = rng.uniform(0, math.pi), rng.uniform(5.0, 9.0)
+        amplitude, wavelength, phase = rng.uniform(1.5, 3.5), rng.uniform(8.0, 16.0), rng.uniform(0, 2 * math.pi)
+        u, v = xx * math.cos(angle) + yy * math.sin(angle), -xx * math.sin(angle) + yy * math.cos(angle)
+        w = (np.sin(2 * math.pi * (u + amplitude * np.sin(2 * math.pi * v / wavelength + phase)) / period) > 0)
+        w = w.astype(np.float32)
+    elif kind == "plaid":
+        period = rng.uniform(5.0, 9.0)
+        w = 0.5 * ((np.sin(2 * math.pi * xx / period) > 0.3).astype(np.float32)
+                   + (np.sin(2 * math.pi * yy / period) > 0.3).astype(np.float32))
+    else:
+        raise ValueError(f"unknown target background {kind!r}; expected one of {TARGET_BACKGROUNDS}")
+    img = w[..., None] * c1 + (1 - w[..., None]) * c2
+    canvas = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+    draw, clutter = ImageDraw.Draw(canvas), tuple(int(v * 255) for v in _muted_colour(rng))
+    for _ in range(int(rng.integers(2, 5))):  # distractors: thin lines across the background
+        x0, y0, x1, y1 = rng.uniform(0, size, 4)
+        draw.line([(x0, y0), (x1, y1)], fill=clutter, width=1)
+    return np.asarray(canvas, np.float32) / 255
+
+
+def random_background(rng: np.random.Generator, size: int = 32, domain: str = "foundation") -> tuple[str, np.ndarray]:
+    """Draw a background kind of ``domain`` and return it with its texture (size, size, 3) in [0, 1]."""
+    kinds = DOMAINS[domain] if domain in DOMAINS else _unknown_domain(domain)
+    kind = kinds[int(rng.integers(len(kinds)))]
+    return kind, (_background if domain == "foundation" else _target_background)(kind, size, rng)
+
+
+def _unknown_domain(domain: str):
+    raise ValueError(f"unknown toy domain {domain!r}; expected one of {tuple(DOMAINS)}")
+
+
+def toy_backgrounds(n: int, seed: int = 0, size: int = 32, domain: str = "foundation") -> torch.Tensor:
+    """Return ``n`` object-free textures of ``domain`` (n, 3, size, size) in [0, 1], deterministic in ``seed``."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
-    return torch.stack([torch.from_numpy(random_background(rng, size)[1]).permute(2, 0, 1) for _ in range(int(n))])
+    return torch.stack([torch.from_numpy(random_background(rng, size, domain)[1]).permute(2, 0, 1)
+                        for _ in range(int(n))])
 
 
-def make_scene(rng: np.random.Generator, size: int = 32, name: str | None = None, background: str | None = None) -> dict:
+def make_scene(rng: np.random.Generator, size: int = 32, name: str | None = None, background: str | None = None,
+               domain: str = "foundation") -> dict:
     """Return one scene: image (H, W, 3) float, mask (H, W) bool, box, object class and background kind."""
     name = name if name is not None else OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
     if background is None:
-        background, bg = random_background(rng, size)
+        background, bg = random_background(rng, size, domain)
     else:
-        bg = _background(background, size, rng)
+        bg = (_background if domain == "foundation" else _target_background)(background, size, rng)
     r = rng.uniform(0.2, 0.36) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     poly = _shape_polygon(name, cx, cy, r, rng.uniform(0, 2 * math.pi))
@@ -132,6 +186,7 @@ class ToyWorld(torch.utils.data.Dataset):
     object: label "background", caption y_b, an empty mask and no boxes. The toy LDM's pretraining
     uses them so that y_b means what it means to a foundation model (paper Sec. 3).
 
+    ``domain`` is "foundation" (the pretraining world, the default) or "target" (its backgrounds, see the module).
     ``class_word`` is None: unlike a real dataset's readers, the object word of y_f is each item's ``label``.
     """
 
@@ -140,9 +195,12 @@ class ToyWorld(torch.utils.data.Dataset):
     generated = True  # items are made from (seed, split, index), not read from a folder
 
     def __init__(self, split: str = "train", size: int | None = None, image_size: int = 32, seed: int = 0,
-                 classes: tuple[str, ...] | None = None, background_fraction: float = 0.0):
+                 classes: tuple[str, ...] | None = None, background_fraction: float = 0.0, domain: str = "foundation"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        if domain not in DOMAINS:
+            _unknown_domain(domain)
+        self.domain = domain
         self.split, self.image_size, self.seed = split, int(image_size), int(seed)
         self.size = int(size) if size is not None else {"train": 30000, "val": 512, "test": 256}[split]
         self.classes = tuple(classes) if classes is not None else OBJECT_CLASSES
@@ -164,7 +222,7 @@ class ToyWorld(torch.utils.data.Dataset):
             return self._background_item(index, np.random.default_rng(key + [2]))
         rng = np.random.default_rng(np.random.SeedSequence(key))
         name = self.classes[int(rng.integers(len(self.classes)))]
-        scene = make_scene(rng, self.image_size, name=name)
+        scene = make_scene(rng, self.image_size, name=name, domain=self.domain)
         return {
             "image": torch.from_numpy(scene["image"]).permute(2, 0, 1).contiguous(),  # (3, H, W) in [0, 1]
             "mask": torch.from_numpy(scene["mask"]),  # (H, W) bool
@@ -179,7 +237,7 @@ class ToyWorld(torch.utils.data.Dataset):
         return f"toy-{self.split}-{self.seed}-{index:06d}"
 
     def _background_item(self, index: int, rng: np.random.Generator) -> dict:
-        kind, image = random_background(rng, self.image_size)
+        kind, image = random_background(rng, self.image_size, self.domain)
         return {
             "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
             "mask": torch.zeros(self.image_size, self.image_size, dtype=torch.bool),
@@ -189,3 +247,12 @@ class ToyWorld(torch.utils.data.Dataset):
             "background": kind,
             "id": self._item_id(index),
         }
+
+
+class ToyTarget(ToyWorld):
+    """The toy world's target domain as a dataset (``open_dataset("toy_target", ...)``, preset
+    ``configs/datasets/toy_target.yaml``): scenes whose backgrounds the toy LDM never saw in pretraining."""
+
+    def __init__(self, split: str = "train", size: int | None = None, image_size: int = 32, seed: int = 0,
+                 classes: tuple[str, ...] | None = None, background_fraction: float = 0.0):
+        super().__init__(split, size, image_size, seed, classes, background_fraction, domain="target")
