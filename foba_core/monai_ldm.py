@@ -132,7 +132,19 @@ class LatentGaussian:
         return self.mean + self.std * noise
 
 
-class MonaiVAE(nn.Module):
+class _Wrapper(nn.Module):
+    """A MONAI network behind diffusers' calls; like a diffusers model it tells its ``device`` and ``dtype``."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class MonaiVAE(_Wrapper):
     """MONAI ``AutoencoderKL`` behind the diffusers VAE calls: images in [-1, 1] in, ``latent_dist`` out, and back.
 
     The bundle's images are in [0, 1] (the CXR model's preprocessing); a 3-channel input is averaged to the
@@ -147,14 +159,6 @@ class MonaiVAE(nn.Module):
         self.config = SimpleNamespace(scaling_factor=float(scale_factor), latents_mean=None, latents_std=None,
                                       in_channels=self.channels)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
     def encode(self, x: torch.Tensor) -> SimpleNamespace:
         x = (x + 1) / 2  # [-1, 1] -> the bundle's [0, 1]
         if x.shape[1] != self.channels and self.channels == 1:
@@ -167,7 +171,7 @@ class MonaiVAE(nn.Module):
         return SimpleNamespace(sample=x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
 
 
-class MonaiUNet(nn.Module):
+class MonaiUNet(_Wrapper):
     """MONAI ``DiffusionModelUNet`` called as diffusers' ``UNet2DConditionModel``: ``unet(z_t, t, text_hidden).sample``.
 
     ``config`` carries what the stages read (sample_size, channels, block_out_channels, the most heads of a
@@ -187,14 +191,6 @@ class MonaiUNet(nn.Module):
                                       out_channels=int(model.out_channels), block_out_channels=tuple(channels),
                                       num_attention_heads=max(heads, default=1), attention_head_dim=None,
                                       cross_attention_dim=cross)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None,
                 encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True):

@@ -14,16 +14,9 @@ import torch
 
 from foba_med.mimic import read_index, read_metadata, relative_image_path, relative_report_path
 from foba_med.ms_cxr import MS_CXR_FILE, ms_cxr_holdout
-from foba_med.phantom import write_phantom_mimic
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "bundles", "foba_cxr", "configs")
 PREPARE, TRAIN, PAPER = (os.path.join(CONFIGS, f"{name}.yaml") for name in ("prepare", "train", "paper"))
-
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    """A tiny phantom MIMIC-CXR-JPG tree with MS-CXR boxes (shared, read-only)."""
-    return write_phantom_mimic(tmp_path_factory.mktemp("cxr") / "mimic", n_subjects=16, seed=5, size=32)
 
 
 @pytest.fixture(scope="module")

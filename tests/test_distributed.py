@@ -329,14 +329,6 @@ def tiny_sd_folder(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    """A tiny phantom MIMIC-CXR-JPG tree with MS-CXR boxes (shared, read-only)."""
-    from foba_med.phantom import write_phantom_mimic
-
-    return write_phantom_mimic(tmp_path_factory.mktemp("cxr") / "mimic", n_subjects=16, seed=5, size=32)
-
-
 @pytest.mark.slow
 def test_sharded_ms_cxr_evaluation_writes_what_one_process_writes(tiny_sd_folder, phantom, tmp_path):
     settings = {"model_dir": str(tiny_sd_folder), "mimic_dir": str(phantom), "timesteps": [501, 101],

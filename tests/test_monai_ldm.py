@@ -19,13 +19,6 @@ def text_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    from foba_med.phantom import write_phantom_mimic
-
-    return write_phantom_mimic(tmp_path_factory.mktemp("cxr") / "mimic", n_subjects=16, seed=5, size=32)
-
-
-@pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zoo") / "cxr_ldm"
     save_tiny_bundle(folder, seed=0)
@@ -339,7 +332,7 @@ def test_the_main_job_runs_on_a_monai_bundle_given_as_pretrained(tmp_path, bundl
     _run(tmp_path, pretrained=str(bundle), text_encoder=str(text_dir), segment_crop=12)  # 16-pixel model images
     out = tmp_path / "toy"
     results = pd.read_csv(out / "results.csv")
-    assert len(results) == 7 and results[["acc", "iou", "miou"]].apply(lambda c: c.between(0, 100)).all().all()
+    assert len(results) == 9 and results[["acc", "iou", "miou"]].apply(lambda c: c.between(0, 100)).all().all()
     finetuned = load_pipeline(out / "finetune" / "model")  # saved as a bundle folder, the text side inside
     assert isinstance(finetuned, MonaiLDM)
     source = torch.load(bundle / "models" / "diffusion_model.pth", weights_only=True)
