@@ -12,7 +12,8 @@ Beyond the paper: the same M̂ binarised by a 2-component GMM (the paper's M_pre
 keeping the brightest component (background / chest / finding), both scored by IoU against the box mask; the
 AUC of each sub-token alone (which sub-token carries the finding); and a word-agnostic control, the AUC of a
 centre prior (minus the distance to the image centre): findings sit mostly in the central chest, so an AUC
-means localisation only where it beats that control.
+means localisation only where it beats that control; and, with ``wrong_word_control``, the AUC of the map of
+another finding's word put in the finding's place in the same prompt on the same image (the place alone).
 
 ``CXREvalStep`` is a MONAI ``Evaluator``'s ``iteration_update`` and ``foba_med.scoring.CXREvalWriter`` (the
 scores, the per-disease tables and the report) its handler; the bundle ``bundles/foba_cxr/configs/evaluate.yaml``
@@ -37,7 +38,7 @@ from foba_med.mimic import CXRImageError
 from foba_med.ms_cxr import Finding, MSCXRDataset
 from foba_med.phantom import STAMP_FILE, write_phantom_mimic
 from foba_med.scoring import slug
-from foba_med.vocabulary import find_disease_words
+from foba_med.vocabulary import find_disease_words, wrong_word_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -166,14 +167,17 @@ class CXREvalStep:
 
     Each item's output holds ``heat`` (h, w) at latent resolution (None when the prompt names no disease word
     and there is no fallback), ``token_maps`` (k, h, w) one per sub-token, ``tokens`` (their strings) and
-    ``token_source`` (see :func:`finding_tokens`), plus the model-resolution image, mask and boxes. An item
+    ``token_source`` (see :func:`finding_tokens`), plus the model-resolution image, mask and boxes. With
+    ``wrong_word_control``, ``heat_wrong_word`` (h, w) is the map of another finding's word put in the finding's
+    place (``control_prompt``; ``foba_med.vocabulary.wrong_word_prompt``), with the same q_sample noise. An item
     whose image could not be decoded (the ``status`` row of :class:`ReadableFindings`) is passed on as it is.
     """
 
     def __init__(self, pipe, t0: int = 40, timesteps: list[int] | None = None, seed: int = 0,
-                 image_size: int | None = None, fallback_all_tokens: bool = False, budget_bytes: float | None = None):
+                 image_size: int | None = None, fallback_all_tokens: bool = False, budget_bytes: float | None = None,
+                 wrong_word_control: bool = False):
         self.pipe, self.seed, self.budget = pipe, int(seed), budget_bytes
-        self.fallback_all_tokens = bool(fallback_all_tokens)
+        self.fallback_all_tokens, self.wrong_word_control = bool(fallback_all_tokens), bool(wrong_word_control)
         n_train = pipe.scheduler.config.num_train_timesteps
         self.timesteps = list(timesteps) if timesteps is not None else authors_timesteps(t0, n_train)
         self.size = int(image_size) if image_size is not None else model_resolution(pipe)
@@ -196,7 +200,7 @@ class CXREvalStep:
             tokens = pipe.tokenizer.convert_ids_to_tokens([ids[i] for i in idx])
             records.append({**{k: it[k] for k in ("id", "dicom_id", "category_name", "split")}, **prep,
                             "prompt": it["caption"], "token_source": source, "token_index": idx, "tokens": tokens,
-                            "heat": None, "token_maps": None})
+                            "heat": None, "token_maps": None, "heat_wrong_word": None})
         todo = [r for r in records if r.get("token_index")]
         if todo:
             z0 = encode_latents(pipe, torch.stack([r["image"] for r in todo]))  # (B, C, h, w)
@@ -205,14 +209,30 @@ class CXREvalStep:
                 idx = rec["token_index"]
                 # target 0: all sub-tokens summed (supplement Sec. 8); targets 1..k: each sub-token alone
                 targets = [idx] + ([[i] for i in idx] if len(idx) > 1 else [])
-                weights = token_weights([targets], hidden.shape[1]).to(z0.device)  # (1, L, n)
-                maps = heat_maps(pipe.unet, pipe.scheduler, z0[b:b + 1], hidden[b:b + 1].to(z0.dtype), weights,
-                                 text_mask=None if key_mask is None else key_mask[b:b + 1],
-                                 timesteps=self.timesteps, seed=derive_seed(self.seed, "q_sample", rec["id"]),
-                                 budget_bytes=self.budget).total[0].float().cpu()  # (n, h, w)
+                maps = self._maps(z0[b:b + 1], hidden[b:b + 1], None if key_mask is None else key_mask[b:b + 1],
+                                  targets, rec["id"])  # (n, h, w)
                 rec["heat"] = maps[0]
                 rec["token_maps"] = maps[1:] if len(idx) > 1 else maps[:1]
+                if self.wrong_word_control and rec["token_source"] == "disease_words":
+                    self._wrong_word(z0[b:b + 1], rec)
         return {"records": records}
+
+    def _maps(self, z0: torch.Tensor, hidden: torch.Tensor, key_mask, targets: list[list[int]], item_id: str):
+        """M̂ of each target's tokens (n, h, w) for one image; q_sample noise seeded by the finding, whatever the prompt."""
+        weights = token_weights([targets], hidden.shape[1]).to(z0.device)  # (1, L, n)
+        return heat_maps(self.pipe.unet, self.pipe.scheduler, z0, hidden.to(z0.dtype), weights, text_mask=key_mask,
+                         timesteps=self.timesteps, seed=derive_seed(self.seed, "q_sample", item_id),
+                         budget_bytes=self.budget).total[0].float().cpu()
+
+    def _wrong_word(self, z0: torch.Tensor, rec: dict) -> None:
+        """The control map: the finding's words replaced by another finding's (``vocabulary.wrong_word_prompt``)."""
+        prompt, other = wrong_word_prompt(rec["prompt"], rec["category_name"])
+        idx, source = finding_tokens(self.pipe.tokenizer, prompt, other)
+        if source != "disease_words":  # the replacement fell beyond the tokenizer's length
+            return
+        hidden, key_mask = encode_prompts(self.pipe, [prompt], device=z0.device)
+        rec["heat_wrong_word"] = self._maps(z0, hidden, key_mask, [idx], rec["id"])[0]
+        rec["control_prompt"] = prompt
 
 
 def settings_summary(model_dir: str, split: str, prompt: str, t0: int, timesteps, seed: int,

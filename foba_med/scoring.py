@@ -44,7 +44,7 @@ REFERENCES = (
 )
 GMM_COMPONENTS = (2, 3)
 STATUSES = ("scored", "one_class_mask", "no_disease_word", "missing", "unreadable")
-METRIC_COLUMNS = ("auc_roc", "iou_gmm2", "iou_gmm3", "auc_centre_prior")  # per image; averaged per disease
+METRIC_COLUMNS = ("auc_roc", "iou_gmm2", "iou_gmm3", "auc_centre_prior", "auc_wrong_word")  # per image; per disease
 # per image (pointing_acc: 1 or 0) and averaged per disease (foba_med.grounding)
 GROUNDING_COLUMNS = ("cnr", "cnr_signed", "miou", "pointing_acc", "com_distance", "com_distance_rel")
 # per disease: the means and population standard deviations (none for the fraction pointing_acc)
@@ -154,6 +154,9 @@ class CXREvalWriter:
                 row["status"] = "scored"
                 row["auc_roc"] = score_finding(rec["heat"], mask, rec["id"])
                 row["auc_centre_prior"] = auc_roc(centre_prior(*mask.shape), mask, rec["id"])
+                if rec.get("heat_wrong_word") is not None:  # another finding's word in the same prompt and image
+                    row["auc_wrong_word"] = score_finding(rec["heat_wrong_word"], mask, rec["id"])
+                    row["control_prompt"] = rec["control_prompt"]
                 m_pre = gmm_masks(rec["heat"], self.seed)
                 for k, m in m_pre.items():
                     row[f"iou_gmm{k}"] = foreground_iou(upsample_mask(m, tuple(mask.shape)), mask)
@@ -282,17 +285,19 @@ def markdown_report(per_disease: pd.DataFrame, per_token: pd.DataFrame, per_imag
     lines = ["# MS-CXR disease localisation: pixel AUC-ROC of the finding's attention", ""]
     if settings:
         lines += [", ".join(f"{k}: `{v}`" for k, v in settings.items()), ""]
-    lines += ["| finding | images | AUC-ROC (%) | centre prior AUC (%) | IoU 2-GMM (%) | IoU 3-GMM (%) | CNR | mIoU "
-              "| pointing (%) | CoM distance, px (% of diagonal) | skipped: one class / no word |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| finding | images | AUC-ROC (%) | centre prior AUC (%) | wrong-word AUC (%) | IoU 2-GMM (%) "
+              "| IoU 3-GMM (%) | CNR | mIoU | pointing (%) | CoM distance, px (% of diagonal) "
+              "| skipped: one class / no word |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in per_disease.itertuples():
         name = "**mean**" if row.category_name == "mean" else row.category_name
         lines.append(f"| {name} | {row.n_images} | {_pct(row.auc_roc)} | {_pct(row.auc_centre_prior)} "
+                     f"| {_pct(row.auc_wrong_word)} "
                      f"| {_pct(row.iou_gmm2)} | {_pct(row.iou_gmm3)} | {_mean_std(row.cnr, row.cnr_std, 2)} "
                      f"| {_mean_std(row.miou, row.miou_std, 3)} | {_pct(row.pointing_acc)} "
                      f"| {_mean_std(row.com_distance, row.com_distance_std, 1)} ({_pct(row.com_distance_rel)}) "
                      f"| {row.n_one_class_mask} / {row.n_no_disease_word} |")
-    lines.append(f"| paper (Stable Diffusion fine-tuned on MIMIC-CXR), mean of 8 | | {PAPER_MEAN_AUC} |" + " |" * 8)
+    lines.append(f"| paper (Stable Diffusion fine-tuned on MIMIC-CXR), mean of 8 | | {PAPER_MEAN_AUC} |" + " |" * 9)
     missing = int(per_disease.iloc[-1]["n_missing"])
     lines += ["", "The mean row averages the per-disease means (as the paper's mean over eight diseases); ± is the "
               "population standard deviation over a disease's findings. "
@@ -300,7 +305,9 @@ def markdown_report(per_disease: pd.DataFrame, per_token: pd.DataFrame, per_imag
               "GMM mask; no separate box IoU column); the 3-GMM keeps the brightest of three "
               "components (background, chest, finding), where the paper notes the 2-GMM fails. Centre prior: the "
               "AUC of a word-agnostic map (minus the distance to the image centre) on the same masks, a control for "
-              "where the boxes lie.",
+              "where the boxes lie. Wrong-word: the AUC, on the same boxes, of the map of another finding's word put "
+              "in the finding's place in the same prompt (`control_prompt` in per_image.csv; `--wrong_word_control`), "
+              "what the place alone earns.",
               "",
               "Grounding metrics (`foba_med.grounding`), all on the min-max normalised M̂ bilinearly upsampled to the "
               "box mask: CNR = |mu_in - mu_out| / sqrt(var_in + var_out) over the pixels inside vs outside the box "

@@ -88,3 +88,25 @@ def find_disease_words(prompt: str, category: str) -> list[tuple[int, int]]:
     at one position the longer phrase wins. Returns [] when the prompt does not name the finding.
     """
     return [m.span() for m in _pattern(category_name(category)).finditer(prompt)]
+
+
+def control_category(category: str) -> str:
+    """Return the finding whose word stands in for ``category``'s in the wrong-word control: the next in ``CATEGORIES``."""
+    index = CATEGORIES.index(category_name(category))
+    return CATEGORIES[(index + 1) % len(CATEGORIES)]
+
+
+def wrong_word_prompt(prompt: str, category: str) -> tuple[str, str]:
+    """Return (the prompt with every word of ``category`` replaced by the control finding's first term, that finding).
+
+    The wrong-word control of the evaluation: the same image and the same phrase around it, another finding's word
+    ("Small left pleural effusion" -> "Small left pneumonia"); its map, scored against the true finding's boxes,
+    says how much of an AUC the place alone earns. The prompt is returned unchanged when it names no such word.
+    """
+    other = control_category(category)
+    word = DISEASE_TERMS[other][0]
+    out, last = [], 0
+    for start, end in find_disease_words(prompt, category):
+        out += [prompt[last:start], word]
+        last = end
+    return "".join(out) + prompt[last:], other

@@ -295,6 +295,9 @@ def test_bundle_runs_end_to_end_with_mlflow(phantom, tmp_path):
     n_findings = len(pd.read_csv(phantom / MS_CXR_FILE).groupby(["dicom_id", "category_name"]))
     assert len(per_image) == n_findings and mean["n_images"] == (per_image["status"] == "scored").sum()
     assert ((per_image["auc_roc"] >= 0) & (per_image["auc_roc"] <= 1)).sum() == mean["n_images"]
+    scored = per_image[per_image["status"] == "scored"]  # the wrong-word control (evaluate.yaml's default)
+    assert scored["auc_wrong_word"].between(0, 1).all() and (scored["control_prompt"] != scored["prompt"]).all()
+    assert mean["auc_wrong_word"] == pytest.approx(diseases["auc_wrong_word"].mean())
     assert "79.6" in (out / "auc_per_disease.md").read_text() and (out / "auc_per_token.csv").is_file()
     assert {p.stem for p in (out / "overlays").glob("*.png")} == {
         c.lower().replace(" ", "_") for c in diseases[diseases["n_images"] > 0]["category_name"]}

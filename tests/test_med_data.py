@@ -634,3 +634,17 @@ def test_phantom_findings_are_visible_at_32_pixels(category, side, severity, zon
         assert drawn[0].boxes[0][0] > 64
     strongest = np.sort(diff[inside])[-max(4, inside.sum() // 4):]  # crescents and bands fill part of a box
     assert strongest.mean() > 0.08 and diff[~inside].max() < 0.02
+
+
+def test_the_wrong_word_prompt_puts_the_next_findings_word_in_the_findings_place():
+    from foba_med.vocabulary import CATEGORIES, control_category, find_disease_words, wrong_word_prompt
+
+    assert wrong_word_prompt("Small left pleural effusion", "Pleural Effusion") == ("Small left pneumonia", "Pneumonia")
+    assert wrong_word_prompt("Heart is mildly enlarged. Cardiomegaly.", "cardiomegaly") == (
+        "consolidation. consolidation.", "Consolidation")
+    assert wrong_word_prompt("Right apical pneumothorax", "Pneumothorax") == ("Right apical atelectasis", "Atelectasis")
+    assert wrong_word_prompt("No acute process", "Edema") == ("No acute process", "Lung Opacity")  # no word: unchanged
+    assert sorted(control_category(c) for c in CATEGORIES) == sorted(CATEGORIES)  # every finding controls another
+    for category in CATEGORIES:
+        prompt, other = wrong_word_prompt(f"Left {category.lower()}", category)
+        assert other != category and find_disease_words(prompt, other) and not find_disease_words(prompt, category)
