@@ -41,6 +41,34 @@ def test_training_crops_cut_image_and_mask_together():
     assert not all(torch.equal(data[(1, d)]["image"], reseeded[(1, d)]["image"]) for d in range(6))
 
 
+def test_training_crops_draw_the_windows_of_monai_with_meta_tracking():
+    from monai.data import get_track_meta
+    from monai.utils import convert_to_tensor
+
+    from foba_core.seeds import derive_seed
+
+    images, masks = squares(4, size=20)
+    data = SegmentationData(images, masks, crop=12, train=True, seed=0, flip=True)
+    assert get_track_meta()  # MONAI's default, which the crops leave as they found it
+    for index, draw in [(0, 0), (1, 2), (3, 5)]:
+        item = {"image": images[index], "label": masks[index][None].float()}
+        data.transform.set_random_state(seed=derive_seed(0, "augmentation", index, draw))
+        tracked = data.transform(item)  # the same transforms, MetaTensors throughout
+        plain = data[(index, draw)]
+        assert get_track_meta()
+        for key in ("image", "label"):
+            assert torch.equal(plain[key], convert_to_tensor(tracked[key], track_meta=False))
+
+
+def test_a_first_stride_of_one_keeps_a_full_resolution_level():
+    net = segmentation_network(channels=(8, 16, 32), strides=(1, 2), num_res_units=1, seed=0)
+    assert net.model[0].conv.unit0.conv.stride == (1, 1)  # MONAI applies strides[0] in the first layer
+    pred = predict_masks(net, torch.rand(2, 3, 10, 10))
+    assert pred.shape == (2, 10, 10)
+    with pytest.raises(ValueError, match="one entry per level transition"):
+        segmentation_network(channels=(8, 16, 32), strides=(1, 2, 2))
+
+
 def test_test_crops_are_central_and_whole_images_pass_unchanged():
     images, masks = squares(3, size=20)
     centre = SegmentationData(images, masks, crop=12, train=False)[2]

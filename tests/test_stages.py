@@ -142,6 +142,9 @@ def test_the_composed_main_jobs_define_every_stage_they_run(dataset, bundle, mon
     # the U-Net template, copied once per training set, reads each copy's own name
     assert [parser.get_parsed_content(f"segment#{n}#engine#stage#name") for n in ("unet_M_pre", "unet_M")] == [
         "unet_M_pre", "unet_M"]
+    # the toy U-Net keeps a full-resolution level (segment_strides); the natural bundles keep the paper's strides
+    network = parser.get_parsed_content("segment#unet_M#engine#network")
+    assert tuple(network.strides) == ((1, 2, 2) if dataset == "toy" else (2, 2, 2, 2))
 
 
 @pytest.mark.slow
