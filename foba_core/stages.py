@@ -105,13 +105,14 @@ class Stage:
     ``needs`` names the stages whose outputs it reads, which must be complete. ``run()`` returns the stage.
     With ``tracking_uri`` (or ``--tracking mlflow``) the stage's settings and ``metrics`` go to one MLflow run.
     Under torchrun every process runs the work (rank 0 alone with ``rank0_only``, while the others wait); rank 0
-    alone writes the record and empties a stale folder.
+    alone writes the record and empties a stale folder. With ``not_applicable`` (a reason) the stage does not apply
+    to this run's settings: ``run()`` says why and does nothing.
     """
 
     def __init__(self, name: str, output_dir: str, settings: dict | None = None, needs: Sequence[str] = (),
                  work=None, metrics: Callable[[], dict] | None = None, experiment_name: str = "foba",
-                 tracking_uri: str | None = None, rank0_only: bool = False):
-        self.name, self.output_dir = str(name), os.path.abspath(output_dir)
+                 tracking_uri: str | None = None, rank0_only: bool = False, not_applicable: str | None = None):
+        self.name, self.output_dir, self.not_applicable = str(name), os.path.abspath(output_dir), not_applicable
         self.settings, self.needs = plain(settings or {}), [str(n) for n in needs]
         self.work = [] if work is None else list(work) if isinstance(work, (list, tuple)) else [work]
         self.metrics, self.experiment, self.rank0_only = metrics, experiment_name, bool(rank0_only)
@@ -145,7 +146,10 @@ class Stage:
             f"upstream stage {n} changed" for n in new["needs"] if old["needs"].get(n) != new["needs"][n]]
 
     def run(self) -> Stage:
-        """Skip the stage if its outputs are current, else (re)compute them; return the stage."""
+        """Skip the stage if its outputs are current (or it does not apply), else (re)compute them; return the stage."""
+        if self.not_applicable:
+            print(f"stage {self.name}: not run, {self.not_applicable}", flush=True)
+            return self
         distributed.barrier()  # every process reads the record before any process writes it
         new, old = self.wanted(), read_record(self.folder)
         if old and old.get("digest") == new["digest"] and old.get("complete"):

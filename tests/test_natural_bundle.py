@@ -163,6 +163,7 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path,
     out = _run("cub", capsys, **common)  # a rerun: every stage is read back, nothing recomputed
     assert {n: (cub / n / "stage.json").read_text() for n in records} == records
     assert out.count(": skipped,") == len(records) == 12 and pd.read_csv(cub / "results.csv").equals(results)
+    assert "stage refine_eq5: not run, the refinement is Eq. 5 as the paper states it already" in out
 
     out = _run("cub", capsys, **common, refine_samples=2)  # one changed setting: exactly its dependants rerun
     rerun = sorted(re.findall(r"stage (\S+): rerun", out))
