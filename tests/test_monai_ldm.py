@@ -338,3 +338,37 @@ def test_the_main_job_runs_on_a_monai_bundle_given_as_pretrained(tmp_path, bundl
     source = torch.load(bundle / "models" / "diffusion_model.pth", weights_only=True)
     assert not torch.equal(finetuned.unet.model.state_dict()["conv_in.conv.weight"], source["conv_in.conv.weight"])
     assert json.loads((out / "stage1" / "stage.json").read_text())["settings"]["text_encoder"] == str(text_dir)
+
+
+def test_a_bundle_in_the_brats_bundles_naming_with_references_and_yaml_loads(tmp_path, text_dir):
+    """network_def / noise_scheduler, values given by reference (@spatial_dims, @latent_shape), a YAML config."""
+    import yaml
+
+    from foba_core.models import load_pipeline
+    from tiny_monai import AUTOENCODER, DIFFUSION, SCHEDULER
+
+    autoencoder, unet, _ = tiny_networks(seed=2)
+    config = {
+        "spatial_dims": 2, "latent_channels": 3, "scale_factor": 0.5,
+        "latent_shape": ["@latent_channels", 8, 8],
+        "autoencoder_def": {"_target_": "monai.networks.nets.autoencoderkl.AutoencoderKL",
+                            **{**AUTOENCODER, "spatial_dims": "@spatial_dims", "latent_channels": "@latent_channels"}},
+        "network_def": {"_target_": "monai.networks.nets.diffusion_model_unet.DiffusionModelUNet",
+                        **{**DIFFUSION, "spatial_dims": "@spatial_dims", "in_channels": "@latent_channels"}},
+        "noise_scheduler": {"_target_": "monai.networks.schedulers.ddim.DDIMScheduler",
+                            **{**SCHEDULER, "prediction_type": "epsilon"}, "schedule": "scaled_linear_beta"},
+        "load_diffusion": "$@network_def.load_old_state_dict(torch.load(@bundle_root + '/models/model.pt'))",
+    }
+    (tmp_path / "brats" / "configs").mkdir(parents=True)
+    (tmp_path / "brats" / "models").mkdir()
+    (tmp_path / "brats" / "configs" / "inference.yaml").write_text(yaml.safe_dump(config))
+    torch.save(autoencoder.state_dict(), tmp_path / "brats" / "models" / "autoencoder.pth")
+    torch.save(unet.state_dict(), tmp_path / "brats" / "models" / "diffusion_model.pth")
+    pipe = load_pipeline(tmp_path / "brats", text_encoder=text_dir)
+    assert pipe.vae.config.scaling_factor == 0.5 and pipe.unet.config.sample_size == 8
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in pipe.unet.model.state_dict().items())
+    config["latent_shape"] = [3, 8, 16]
+    (tmp_path / "brats" / "configs" / "inference.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"latent_shape must be \[channels, side, side\]"):
+        load_pipeline(tmp_path / "brats", text_encoder=text_dir)
