@@ -26,7 +26,7 @@ from foba_med.phantom_drawing import PhantomFinding, render_frontal, render_late
 from foba_med.vocabulary import CATEGORIES
 
 STAMP_FILE = "phantom.json"
-PHANTOM_VERSION = 2  # 2: "Left upper lung opacity" (was "Opacity in the left upper lung")
+PHANTOM_VERSION = 3  # 3: the patient shifted in the frame, normal hearts of varied size; 2: "Left upper lung opacity"
 _SEVERITY = {
     "Pleural Effusion": ("small", "moderate", "large"),
     "Pneumothorax": ("small", "moderate", "large"),

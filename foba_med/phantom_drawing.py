@@ -217,13 +217,18 @@ def render_frontal(
 ) -> tuple[np.ndarray, list[PhantomFinding]]:
     """Return (image float32 (H, W) in [0, 1], the findings that were drawn, with their boxes).
 
-    The anatomy and the noise depend on ``seed`` only, so the same seed without findings gives the same
-    chest without them (cardiomegaly changes the heart). Findings that come out too small are dropped.
+    The anatomy, the noise and the framing (the patient shifted by up to 15 % of the height and 22 % of the
+    width, boxes moved with the image; a normal heart 0.85 to 1.2 times the mean size) depend on ``seed`` only,
+    so the same seed without findings gives the same chest without them (cardiomegaly enlarges the heart).
+    Findings that come out too small or leave the frame are dropped.
     """
     seed = tuple(np.atleast_1d(seed).tolist())
     anatomy, lesions = np.random.default_rng(seed + (0,)), np.random.default_rng(seed + (1,))
+    framing = np.random.default_rng(seed + (3,))  # patient position and heart size: a stream of their own
     cardio = next((f for f in findings if f.category == "Cardiomegaly"), None)
-    heart_scale = {"mild": 1.45, "moderate": 1.6, "severe": 1.75}[cardio.severity] if cardio else 1.0
+    normal_heart = framing.uniform(0.85, 1.2)  # normal hearts vary in size too (drawn always: the same shift)
+    shift = (framing.uniform(-0.15, 0.15) * height, framing.uniform(-0.22, 0.22) * width)  # (dy, dx)
+    heart_scale = {"mild": 1.45, "moderate": 1.6, "severe": 1.75}[cardio.severity] if cardio else normal_heart
     chest = _Chest(anatomy, height, width, heart_scale)
     img = chest.render(anatomy)
     noise = anatomy.normal(0, 0.012, size=(height, width)).astype(np.float32)
@@ -233,8 +238,21 @@ def render_frontal(
         _draw_finding(chest, img, finding, lesions)
         if finding.boxes:
             drawn.append(finding)
-    img = _blur(img, 0.004 * width) + noise
+    # the patient is not centred in the frame: the image and its boxes move together, the frame stays dark
+    img = ndimage.shift(_blur(img, 0.004 * width), shift, order=1, mode="constant", cval=0.03) + noise
+    for finding in drawn:
+        finding.boxes = [box for box in (_shifted(b, shift, height, width) for b in finding.boxes) if box is not None]
+    drawn = [f for f in drawn if f.boxes]
     return np.clip(img, 0.0, 1.0).astype(np.float32), drawn
+
+
+def _shifted(box: tuple[int, int, int, int], shift: tuple[float, float], height: int, width: int):
+    """The box (x, y, w, h) moved by ``shift`` (dy, dx) and clipped to the image; None when too little is left."""
+    x, y, w, h = box
+    dy, dx = int(round(shift[0])), int(round(shift[1]))
+    x0, y0 = max(0, x + dx), max(0, y + dy)
+    x1, y1 = min(width, x + dx + w), min(height, y + dy + h)
+    return (x0, y0, x1 - x0, y1 - y0) if x1 - x0 >= 2 and y1 - y0 >= 2 else None
 
 
 def render_lateral(height: int, width: int, seed: int | tuple[int, ...]) -> np.ndarray:
