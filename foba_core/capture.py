@@ -3,8 +3,8 @@
 ``AttentionCapture`` installs a capturing processor on every cross-attention layer (``attn2``) of a
 diffusers ``UNet2DConditionModel`` and restores the original processors on exit; on MONAI's
 ``DiffusionModelUNet`` (``foba_core.monai_ldm``) it replaces the ``forward`` of each ``attn2``
-``CrossAttentionBlock`` the same way, and the class's forward (flash attention, if configured) returns on exit. The processor
-computes the attention probabilities psi = softmax(Q K^T / sqrt(d)) (Eq. 2) itself, keeps only the
+``CrossAttentionBlock`` the same way, and the class's forward (flash attention, if configured) returns on
+exit. The processor computes the attention probabilities psi = softmax(Q K^T / sqrt(d)) (Eq. 2) itself, keeps only the
 target tokens' columns, averages them over heads, upsamples them to the latent resolution and adds
 them to running sums. Self-attention keeps its fused kernel. Under mixed precision (a float16 / bfloat16
 U-Net) the captured probabilities are computed from the layer's Q and K in float32, and the running sums and M̂
@@ -333,12 +333,12 @@ def heat_maps(unet, scheduler, z0: torch.Tensor, text_hidden: torch.Tensor, weig
     device = z0.device
     dtype = next(unet.parameters()).dtype  # z_t and the text go in at the U-Net's dtype; M̂ is summed in float32
     budget = default_budget_bytes(device) if budget_bytes is None else budget_bytes
+    sized = unet
     if not hasattr(unet, "config"):  # MONAI's DiffusionModelUNet itself: its widths through the adapter's config
         from foba_core.monai_ldm import MonaiUNet
 
-        chunk = rows_per_chunk(MonaiUNet(unet, latent_hw[0]), latent_hw, text_hidden.shape[1], budget)
-    else:
-        chunk = rows_per_chunk(unet, latent_hw, text_hidden.shape[1], budget)
+        sized = MonaiUNet(unet, latent_hw[0])
+    chunk = rows_per_chunk(sized, latent_hw, text_hidden.shape[1], budget)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n_t, *z0.shape), generator=gen).to(z0)  # independent noise per (t, image)
     t_all = torch.tensor(timesteps, device=device)

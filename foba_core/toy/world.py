@@ -24,7 +24,6 @@ from foba_core import prompts
 OBJECT_CLASSES = ("circle", "square", "triangle", "star", "cross", "diamond")
 BACKGROUNDS = ("noise", "stripes", "gradient", "blotches", "checker")
 TARGET_BACKGROUNDS = ("dots", "rings", "waves", "plaid")
-DOMAINS = {"foundation": BACKGROUNDS, "target": TARGET_BACKGROUNDS}
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -128,15 +127,22 @@ def _target_background(kind: str, size: int, rng: np.random.Generator) -> np.nda
     return np.asarray(canvas, np.float32) / 255
 
 
+# domain -> (its background kinds, the function that paints one)
+DOMAINS = {"foundation": (BACKGROUNDS, _background), "target": (TARGET_BACKGROUNDS, _target_background)}
+
+
+def _domain(domain: str):
+    """Return the (kinds, painter) of a toy domain, or raise naming the domains."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown toy domain {domain!r}; expected one of {tuple(DOMAINS)}")
+    return DOMAINS[domain]
+
+
 def random_background(rng: np.random.Generator, size: int = 32, domain: str = "foundation") -> tuple[str, np.ndarray]:
     """Draw a background kind of ``domain`` and return it with its texture (size, size, 3) in [0, 1]."""
-    kinds = DOMAINS[domain] if domain in DOMAINS else _unknown_domain(domain)
+    kinds, paint = _domain(domain)
     kind = kinds[int(rng.integers(len(kinds)))]
-    return kind, (_background if domain == "foundation" else _target_background)(kind, size, rng)
-
-
-def _unknown_domain(domain: str):
-    raise ValueError(f"unknown toy domain {domain!r}; expected one of {tuple(DOMAINS)}")
+    return kind, paint(kind, size, rng)
 
 
 def toy_backgrounds(n: int, seed: int = 0, size: int = 32, domain: str = "foundation") -> torch.Tensor:
@@ -153,7 +159,7 @@ def make_scene(rng: np.random.Generator, size: int = 32, name: str | None = None
     if background is None:
         background, bg = random_background(rng, size, domain)
     else:
-        bg = (_background if domain == "foundation" else _target_background)(background, size, rng)
+        bg = _domain(domain)[1](background, size, rng)
     r = rng.uniform(0.2, 0.36) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     poly = _shape_polygon(name, cx, cy, r, rng.uniform(0, 2 * math.pi))
@@ -198,8 +204,7 @@ class ToyWorld(torch.utils.data.Dataset):
                  classes: tuple[str, ...] | None = None, background_fraction: float = 0.0, domain: str = "foundation"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-        if domain not in DOMAINS:
-            _unknown_domain(domain)
+        _domain(domain)
         self.domain = domain
         self.split, self.image_size, self.seed = split, int(image_size), int(seed)
         self.size = int(size) if size is not None else {"train": 30000, "val": 512, "test": 256}[split]
