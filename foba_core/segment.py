@@ -6,6 +6,12 @@ steps, batch 32, learning rate 1e-3, random 128x128 crops for training, centre c
 testing). Training runs in ``engines.ResumableTrainer`` (MONAI's ``SupervisedTrainer``); ``epoch_length = steps``
 with one epoch, so ignite re-iterates the data loader as often as the step count needs.
 
+Training frames (``segment_frame``): "square" trains on the cached centre squares of the model's resolution;
+"full" is the authors' augmentation (supplement Sec. 1): each training image's whole frame with its shortest side
+resized to the U-Net's side, so that a random square crop slides along the long side. The labels (refined masks,
+ground truth) exist on the centre square only, so the frame's other pixels are ``UNLABELLED`` and left out of
+the loss (``PartialBCEWithLogitsLoss``).
+
 Evaluation protocol (centre-crop testing): predict on the centre crop of each test image and score
 against the centre crop of its ground truth, both cut by the same ``center_crop``, i.e.
 ``predict_masks(net, images, crop)`` against ``center_crop(masks, crop)``.
@@ -22,6 +28,8 @@ import torch.nn.functional as F
 from foba_core.seeds import derive_seed
 
 SEGMENTATION_KEYS = ("image", "label")
+SEGMENT_FRAMES = ("square", "full")  # what a U-Net trains on: the cached centre squares, or the whole frames
+UNLABELLED = -1  # a label pixel without a label (a full frame outside its labelled centre square)
 
 
 def segmentation_network(channels: tuple[int, ...] = (32, 64, 128, 256, 512), strides: tuple[int, ...] | None = None,
@@ -68,19 +76,39 @@ def center_crop(x: torch.Tensor, crop: int) -> torch.Tensor:
     return out.reshape(*x.shape[:-2], crop, crop)
 
 
-def _check_pairs(images: torch.Tensor, masks: torch.Tensor) -> None:
-    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise ValueError(f"images must be a float tensor (N, 3, H, W) in [0, 1], got {images.dtype} "
-                         f"{tuple(images.shape)}")
-    if masks.shape != (images.shape[0], *images.shape[2:]):
-        raise ValueError(f"masks must have shape (N, H, W) = {(images.shape[0], *images.shape[2:])} to match the "
-                         f"images, got {tuple(masks.shape)}")
-    if masks.dtype != torch.bool and not ((masks == 0) | (masks == 1)).all():
-        raise ValueError("masks must be bool (or 0/1); threshold soft masks first")
+def _check_pairs(images, masks) -> None:
+    """Images (N, 3, H, W) or a list of (3, H, W) (float in [0, 1] or uint8); masks (N, H, W) or a list of (H, W),
+    bool or 0/1 with ``UNLABELLED`` where there is no label."""
+    if len(images) != len(masks):
+        raise ValueError(f"{len(images)} images but {len(masks)} masks: pass one mask per image")
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        if image.ndim != 3 or image.shape[0] != 3 or not (image.is_floating_point() or image.dtype == torch.uint8):
+            raise ValueError(f"image {i} must be a float (in [0, 1]) or uint8 tensor (3, H, W), got {image.dtype} "
+                             f"{tuple(image.shape)}")
+        if tuple(mask.shape) != tuple(image.shape[1:]):
+            raise ValueError(f"masks must have shape (N, H, W) to match the images: mask {i} is {tuple(mask.shape)}, "
+                             f"its image {tuple(image.shape[1:])}")
+        if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1) | (mask == UNLABELLED)).all():
+            raise ValueError(f"mask {i} must be bool or 0/1 (and {UNLABELLED} where unlabelled); threshold soft "
+                             "masks first")
+
+
+class PartialBCEWithLogitsLoss(torch.nn.Module):
+    """Sigmoid + binary cross-entropy averaged over the labelled pixels (label 0 or 1; ``UNLABELLED`` ones are left
+    out). On a fully labelled batch it is ``torch.nn.BCEWithLogitsLoss()`` itself."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labelled = labels != UNLABELLED
+        if labelled.all():
+            return F.binary_cross_entropy_with_logits(logits, labels)
+        total = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0), weight=labelled.float(),
+                                                   reduction="sum")
+        return total / labelled.sum().clamp(min=1)
 
 
 class SegmentationData(torch.utils.data.Dataset):
-    """Items {image (3, c, c) float, label (1, c, c) float 0/1} from in-memory images and masks.
+    """Items {image (3, c, c) float, label (1, c, c) float 0/1 or ``UNLABELLED``} from in-memory images and masks
+    (stacked tensors, or lists of frames of different sizes: ``frame_images``, ``frame_labels``).
 
     Training (``train=True``): a random ``crop`` x ``crop`` window (MONAI ``RandSpatialCropd``;
     optionally a random left-right flip, ``RandFlipd``) cut identically from image and mask.
@@ -97,9 +125,9 @@ class SegmentationData(torch.utils.data.Dataset):
         from monai.transforms import CenterSpatialCropd, Compose, RandFlipd, RandSpatialCropd
 
         _check_pairs(images, masks)
-        height, width = images.shape[-2:]
-        if crop is not None and not 0 < crop <= min(height, width):
-            raise ValueError(f"crop {crop} must lie in [1, {min(height, width)}] for images of {height}x{width}; "
+        shortest = min(min(image.shape[-2:]) for image in images) if len(images) else 0
+        if crop is not None and not 0 < crop <= shortest:
+            raise ValueError(f"crop {crop} must lie in [1, {shortest}] for images whose shortest side is {shortest}; "
                              "pass a smaller crop (or None for whole images)")
         self.images, self.masks = images, masks
         self.crop, self.train, self.seed, self.flip = crop, bool(train), int(seed), bool(flip)
@@ -121,7 +149,9 @@ class SegmentationData(torch.utils.data.Dataset):
         from monai.utils import convert_to_tensor
 
         index, draw = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
-        item = {"image": self.images[index].float(), "label": self.masks[index][None].float()}
+        image = self.images[index]
+        item = {"image": image.float() / 255 if image.dtype == torch.uint8 else image.float(),
+                "label": self.masks[index][None].float()}
         if self.train:
             self.transform.set_random_state(seed=derive_seed(self.seed, "augmentation", index, draw))
         tracking = get_track_meta()
@@ -145,7 +175,8 @@ def segmentation_loader(data: SegmentationData, batch_size: int = 32, steps: int
 def segmentation_trainer(network: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, steps: int,
                          device=None, handlers: list | None = None, progress: bool = True,
                          output_dir: str | None = None, checkpoint_interval: int = 500):
-    """Return the resumable trainer (``engines.ResumableTrainer``) of ``steps`` iterations of sigmoid + BCE.
+    """Return the resumable trainer (``engines.ResumableTrainer``) of ``steps`` iterations of sigmoid + BCE over the
+    labelled pixels (``PartialBCEWithLogitsLoss``).
 
     ``loader`` yields {image, label} batches (``segmentation_loader``). ``handlers`` become extra
     ``train_handlers`` (a bundle passes ``@train#handlers`` here, so that ``--tracking mlflow`` can add its
@@ -161,17 +192,20 @@ def segmentation_trainer(network: torch.nn.Module, optimizer: torch.optim.Optimi
     device = torch.device(device) if device is not None else next(network.parameters()).device
     return ResumableTrainer(
         device=device, max_steps=int(steps), train_data_loader=loader, network=network, optimizer=optimizer,
-        loss_function=torch.nn.BCEWithLogitsLoss(), output_dir=output_dir, checkpoint_interval=checkpoint_interval,
+        loss_function=PartialBCEWithLogitsLoss(), output_dir=output_dir, checkpoint_interval=checkpoint_interval,
         state={"network": network, "optimizer": optimizer}, log_interval=None,
         progress=progress, train_handlers=handlers,
     )
 
 
-def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int = 12000, batch_size: int = 32,
+def train_segmenter(images, masks, steps: int = 12000, batch_size: int = 32,
                     lr: float = 1e-3, crop: int | None = 128, seed: int = 0, device=None, output_dir: str | None = None,
                     handlers: list | None = None, network: torch.nn.Module | None = None, flip: bool = False,
                     checkpoint_interval: int = 500, progress: bool = True) -> torch.nn.Module:
     """Return the segmentation U-Net trained on (image, mask) pairs with random crops (supplement Sec. 1).
+
+    ``images`` and ``masks`` are stacked tensors (N, 3, H, W) and (N, H, W), or lists of frames of different sizes
+    (``frame_images``, ``frame_labels``); a mask's ``UNLABELLED`` pixels are left out of the loss.
 
     ``network`` defaults to ``segmentation_network(seed=seed)``. With ``output_dir``, checkpoints
     (network, optimiser, trainer) go to ``output_dir/checkpoints`` every
@@ -179,15 +213,14 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int = 1200
     rerun with the same ``output_dir`` resumes from the latest checkpoint (a finished run is not
     repeated).
     """
-    images, masks = torch.as_tensor(images), torch.as_tensor(masks)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
                                                                           else "cpu")
     network = (network if network is not None else segmentation_network(seed=seed)).to(device)
     stride = total_stride(network)
-    size = crop if crop is not None else min(images.shape[-2:])
-    if size % stride:
-        raise ValueError(f"training crops of {size} pixels are not a multiple of the network's total stride {stride}; "
-                         "choose a crop that is, or a network with fewer or smaller strides")
+    sizes = {crop} if crop is not None else {s for image in images for s in image.shape[-2:]}
+    if any(size % stride for size in sizes):
+        raise ValueError(f"training crops of {sorted(sizes)} pixels are not all a multiple of the network's total "
+                         f"stride {stride}; choose a crop that is, or a network with fewer or smaller strides")
     data = SegmentationData(images, masks, crop=crop, train=True, seed=seed, flip=flip)
     loader = segmentation_loader(data, batch_size, steps, seed)
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
@@ -256,6 +289,65 @@ def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
     if masks.shape[-1] == size:
         return masks
     return torch.cat([upsample_mask(masks[s:s + 256], size) for s in range(0, len(masks), 256)])
+
+
+def frame_images(split, size: int, frame: str = "square", dataset: str | None = None, root=None,
+                 count: int | None = None) -> list[torch.Tensor]:
+    """Return the U-Net's training images of a cached split (``splits.SplitImages``), one (3, h, w) tensor each.
+
+    ``frame`` "square": the cached centre squares resized to ``size`` (float). "full": the authors' augmentation
+    (supplement Sec. 1): the split's original images, read again from ``dataset`` at ``root`` (the same ``count``
+    as the images stage), each with its shortest side resized to ``size`` and the whole frame kept (uint8), so
+    that random ``size`` crops slide along the long side.
+    """
+    from monai.utils import look_up_option
+    from tqdm.auto import tqdm
+
+    from foba_core.data import open_images
+    from foba_core.transforms import resize_shortest_side
+
+    if look_up_option(frame, SEGMENT_FRAMES) == "square":
+        return list(split_images(split, size))
+    data = open_images(dataset, root, split.split, count)
+    ids = [str(data[i]["id"]) for i in range(len(data))] if len(data) == len(split) else None
+    if ids != split.ids:
+        raise ValueError(f"the {split.split} split of {dataset} at {root} is not the one cached in {split.folder} "
+                         f"({len(data)} images, {len(split)} cached): the dataset changed since the images stage; "
+                         "rerun the main job with a new --output_dir")
+    frames = []
+    for i in tqdm(range(len(data)), desc=f"U-Net frames {split.split}", unit="image"):
+        image = data[i]["image"]
+        image = image.expand(3, -1, -1) if image.shape[0] == 1 else image
+        frames.append((resize_shortest_side(image, size) * 255).round().to(torch.uint8))
+    return frames
+
+
+def frame_labels(masks: torch.Tensor, frames: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Return one int8 label (h, w) per training frame (``frame_images``) from masks (N, S, S) of the centre squares.
+
+    Each mask is resized (nearest neighbour) to the frames' shortest side and placed on the frame's centre square
+    (``transforms.square_geometry``); the frame's other pixels are ``UNLABELLED``.
+    """
+    from foba_core.transforms import square_geometry
+
+    if len(masks) != len(frames):
+        raise ValueError(f"{len(masks)} masks for {len(frames)} training images: pass one mask per image")
+    sides = {min(f.shape[-2:]) for f in frames}
+    if len(sides) > 1:
+        raise ValueError(f"the training images' shortest sides differ ({sorted(sides)}); make them with frame_images")
+    side = sides.pop() if sides else 0
+    squares = resize_masks(masks, side).to(torch.int8)
+    labels = []
+    for square, f in zip(squares, frames):
+        height, width = f.shape[-2:]
+        if (height, width) == (side, side):
+            labels.append(square)
+            continue
+        _, top, left = square_geometry(height, width, side)
+        label = torch.full((height, width), UNLABELLED, dtype=torch.int8)
+        label[top:top + side, left:left + side] = square
+        labels.append(label)
+    return labels
 
 
 class PredictStep:

@@ -1,9 +1,10 @@
 """The one geometric transform images go through before a model sees them, applied identically to masks and boxes.
 
 Shortest side resized to ``size``, then the centre ``size`` x ``size`` crop. The array functions
-(:func:`resize_center_crop`, :func:`map_boxes`, :func:`square_geometry`) and their MONAI dictionary
-transform :class:`ResizeCenterCropd` share one geometry; masks are resampled with nearest neighbour
-(a bilinear-resized mask thresholded afterwards grows), and boxes follow the pixels they cover.
+(:func:`resize_center_crop`, :func:`map_boxes`, :func:`square_geometry`) and their MONAI dictionary transform
+:class:`ResizeCenterCropd` share one geometry (:func:`resize_shortest_side` is its first half, the whole frame
+kept); masks are resampled with nearest neighbour (a bilinear-resized mask thresholded afterwards grows), and boxes
+follow the pixels they cover.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def _resample(t: torch.Tensor, shape: tuple[int, int], is_mask: bool, mode: str)
     return F.interpolate(t.float(), size=shape, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
-def resize_center_crop(x: torch.Tensor, size: int, is_mask: bool = False, mode: str = "antialias") -> torch.Tensor:
-    """Return ``x`` (C, H, W) or a mask (H, W) resized (shortest side = size) and centre-cropped to size x size.
+def resize_shortest_side(x: torch.Tensor, size: int, is_mask: bool = False, mode: str = "antialias") -> torch.Tensor:
+    """Return ``x`` (C, H, W) or a mask (H, W) resized so that its shortest side is ``size``, the whole frame kept.
 
     Images use ``mode`` (``IMAGE_MODES``: antialiased bilinear by default, or area averaging); masks use
     nearest neighbour so that they do not grow (a bilinear-resized mask thresholded afterwards does).
@@ -54,14 +55,18 @@ def resize_center_crop(x: torch.Tensor, size: int, is_mask: bool = False, mode: 
     mode = look_up_option(mode, IMAGE_MODES)
     squeeze = x.ndim == 2
     t = x[None, None] if squeeze else x[None]
-    h, w = t.shape[-2:]
-    _, top, left = square_geometry(h, w, size)
-    shape = resized_shape(h, w, size)
-    if shape != (h, w):
+    shape = resized_shape(*t.shape[-2:], size)
+    if shape != tuple(t.shape[-2:]):
         t = _resample(t, shape, is_mask, mode)
-    t = t[..., top:top + size, left:left + size]
     t = t.bool() if is_mask else t
     return t[0, 0] if squeeze else t[0]
+
+
+def resize_center_crop(x: torch.Tensor, size: int, is_mask: bool = False, mode: str = "antialias") -> torch.Tensor:
+    """Return ``x`` (C, H, W) or a mask (H, W) resized (shortest side = size) and centre-cropped to size x size
+    (``resize_shortest_side``, then the crop of ``square_geometry``)."""
+    _, top, left = square_geometry(*x.shape[-2:], size)
+    return resize_shortest_side(x, size, is_mask, mode)[..., top:top + size, left:left + size]
 
 
 def map_boxes(boxes: torch.Tensor, height: int, width: int, size: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 
 from foba_core.data import DATASETS, is_generated
+from foba_core.segment import SEGMENT_FRAMES
 
 AMP_DTYPES = ("bfloat16", "float16")
 AUTHORS_GRID = 50  # the 50-step DDIM grid that T0 counts timesteps of (foba_core.capture.authors_timesteps)
@@ -158,8 +159,8 @@ def check_main_job(*, dataset, dataset_dir, pretrained, pretrained_config, text_
                    finetune_warmup_steps, p_inpaint, accumulation_steps, lr_drop_step, lr_drop_factor, max_grad_norm,
                    caption_dropout, checkpoint_interval, amp_dtype, scheduler, inference_steps, refine_samples,
                    refine_gmm_fit, refine_batch_size, synthetic_stage1_model, segment_steps, segment_batch_size,
-                   segment_lr, segment_crop, segment_size, n_synthetic, sample_batch_size, fid_samples, fid_ws, n_backgrounds,
-                   chunk_size) -> None:
+                   segment_lr, segment_crop, segment_size, segment_frame, n_synthetic, sample_batch_size, fid_samples,
+                   fid_ws, n_backgrounds, chunk_size) -> None:
     """Check the main job's settings (configs/stages/*.yaml, configs/datasets/*.yaml) before any stage runs.
 
     A generated dataset (the toy world) needs the numbers of images n_train and n_test; a stored one needs its
@@ -198,6 +199,7 @@ def check_main_job(*, dataset, dataset_dir, pretrained, pretrained_config, text_
     positive(segment_lr, "segment_lr")
     integer(segment_crop, "segment_crop")
     integer(segment_size, "segment_size", optional=True)
+    choice(segment_frame, "segment_frame", SEGMENT_FRAMES)
     integer(n_synthetic, "n_synthetic")
     integer(sample_batch_size, "sample_batch_size")
     integer(fid_samples, "fid_samples")

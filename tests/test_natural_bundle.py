@@ -63,6 +63,27 @@ def test_the_image_cache_maps_boxes_and_masks_through_the_model_geometry(tmp_pat
         SplitImages(str(tmp_path / "c3"))[1]
 
 
+def test_the_unets_full_frames_are_the_originals_at_the_unets_shortest_side(tmp_path):
+    from foba_core.segment import frame_images
+    from foba_core.transforms import resize_center_crop, resize_shortest_side
+
+    make_cub(tmp_path)
+    data = open_images("cub", tmp_path, "train")
+    split = SplitImages(cache_split(data, str(tmp_path / "cache"), size=16), "train")
+    frames = frame_images(split, 8, "full", "cub", tmp_path, None)
+    assert [tuple(f.shape) for f in frames] == [(3, 8, 11)] * 2 and frames[0].dtype == torch.uint8  # 30x40 -> 8x11
+    for frame, i in zip(frames, range(len(data))):
+        exact = resize_shortest_side(data[i]["image"].expand(3, -1, -1), 8)  # the 'L' JPEG as three channels
+        assert (frame.float() / 255 - exact).abs().max() <= 0.5 / 255 + 1e-6
+    squares = frame_images(split, 8, "square")
+    assert [tuple(f.shape) for f in squares] == [(3, 8, 8)] * 2  # the cached centre squares, resized
+    assert (squares[1] - resize_center_crop(split[1]["image"], 8)).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="not the one cached"):
+        frame_images(split, 8, "full", "cub", tmp_path, 1)  # another subset than the images stage's
+    with pytest.raises(ValueError, match="square"):
+        frame_images(split, 8, "whole")
+
+
 def test_box_masks_and_box_scores_use_the_union_of_several_objects():
     boxes = [torch.tensor([[1, 1, 3, 3], [5, 4, 7, 8]]), torch.zeros(0, 4, dtype=torch.int64)]
     masks = box_masks(boxes, 8)
@@ -152,7 +173,9 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path,
     throughput = re.search(r"Refinement throughput: ([0-9.]+) s per image \((\d+) images, DDIMScheduler with (\d+) steps",
                            report)
     assert throughput and float(throughput[1]) > 0 and int(throughput[2]) == 3  # 2 train + 1 test images
-    recorded = {n: json.loads((cub / n / "stage.json").read_text())["settings"] for n in ("refine", "synthetic", "guidance")}
+    recorded = {n: json.loads((cub / n / "stage.json").read_text())["settings"]
+                for n in ("refine", "synthetic", "guidance", "unet_M")}
+    assert (recorded["unet_M"]["frame"], recorded["unet_M"]["size"], recorded["unet_M"]["flip"]) == ("full", 8, True)
     assert (recorded["refine"]["refine_samples"], recorded["refine"]["refine_gmm_fit"]) == (1, "image")  # Eq. 5
     assert recorded["synthetic"]["stage1_model"] == "base" and recorded["guidance"]["fid_ws"] == [1.0, 3.0, 7.5]
     fid = pd.read_csv(cub / "fid.csv")
@@ -251,7 +274,9 @@ def test_the_natural_defaults_are_the_papers_and_the_preset_turns_the_measured_v
     assert (paper["refine_samples"], paper["refine_gmm_fit"]) == (1, "image")  # Eq. 5: one inpainting, whole map
     assert paper["synthetic_stage1_model"] == "base"  # D'_s's M_pre from m, as for D
     assert paper["fid_ws"] == [1.0, 3.0, 7.5] and paper["inference_steps"] == 50 and paper["t0"] == 40
-    assert paper["segment_flip"] is True  # the authors' U-Net augmentation flips its crops
+    # the authors' U-Net augmentation: shortest side 128, random 128 crops along the long side, flips
+    assert (paper["segment_size"], paper["segment_crop"], paper["segment_frame"], paper["segment_flip"]) == (
+        128, 128, "full", True)
     variants = ConfigParser()
     variants.read_config(files + [os.path.join(BUNDLE, "refine_variants.yaml")])
     assert (variants["refine_samples"], variants["refine_gmm_fit"]) == (4, "m_pre")

@@ -130,3 +130,78 @@ def test_predict_masks_handles_sizes_off_the_network_stride():
     with pytest.raises(ValueError, match="multiple of the network's total stride 4"):
         train_segmenter(images, torch.zeros(3, 18, 14, dtype=torch.bool), steps=1, crop=10, network=net,
                         device="cpu", progress=False)
+
+
+def test_frame_labels_put_the_masks_on_the_centre_square_and_leave_the_rest_unlabelled():
+    from foba_core.segment import UNLABELLED, frame_labels
+
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, :, :4] = True  # left half of the first square, at the model's resolution 8
+    masks[1, 2:6, 2:6] = True
+    frames = [torch.zeros(3, 4, 6), torch.zeros(3, 7, 4)]  # landscape and portrait frames, shortest side 4
+    wide, tall = frame_labels(masks, frames)
+    assert wide.shape == (4, 6) and tall.shape == (7, 4) and wide.dtype == torch.int8
+    assert (wide[:, 0] == UNLABELLED).all() and (wide[:, 5] == UNLABELLED).all()  # square at columns 1..4
+    assert wide[:, 1:3].eq(1).all() and wide[:, 3:5].eq(0).all()
+    assert (tall[0] == UNLABELLED).all() and (tall[5:] == UNLABELLED).all()  # square at rows 1..4 (top = 3 // 2)
+    assert tall[1:5].eq(masks[1, ::2, ::2]).all()
+    square = frame_labels(masks, [torch.zeros(3, 8, 8)] * 2)  # square frames are labelled whole
+    assert all(torch.equal(label, m.to(torch.int8)) for label, m in zip(square, masks))
+    with pytest.raises(ValueError, match="shortest sides differ"):
+        frame_labels(masks, [torch.zeros(3, 4, 6), torch.zeros(3, 5, 6)])
+    with pytest.raises(ValueError, match="2 masks for 1 training images"):
+        frame_labels(masks, frames[:1])
+
+
+def test_the_loss_leaves_unlabelled_pixels_out():
+    from foba_core.segment import UNLABELLED, PartialBCEWithLogitsLoss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 4, 6, generator=gen, requires_grad=True)
+    labels = (torch.rand(2, 1, 4, 6, generator=gen) > 0.5).float()
+    loss = PartialBCEWithLogitsLoss()
+    assert torch.equal(loss(logits, labels), torch.nn.BCEWithLogitsLoss()(logits, labels))  # fully labelled
+    partial = labels.clone()
+    partial[..., :2] = UNLABELLED
+    value = loss(logits, partial)
+    expected = torch.nn.BCEWithLogitsLoss()(logits[..., 2:], labels[..., 2:])
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    value.backward()
+    assert (logits.grad[..., :2] == 0).all() and (logits.grad[..., 2:] != 0).any()
+
+
+def test_full_frame_crops_slide_along_the_long_side_with_their_labels():
+    from foba_core.segment import UNLABELLED, frame_labels
+
+    frame = torch.zeros(3, 8, 20, dtype=torch.uint8)
+    frame[0] = torch.arange(20, dtype=torch.uint8)  # channel 0 says the column
+    labels = frame_labels(torch.ones(1, 8, 8, dtype=torch.bool), [frame])  # labelled columns 6..13
+    data = SegmentationData([frame], labels, crop=8, train=True, seed=0, flip=False)
+    lefts = set()
+    for draw in range(40):
+        item = data[(0, draw)]
+        left = round(item["image"][0, 0, 0].item() * 255)
+        lefts.add(left)
+        assert item["image"].shape == (3, 8, 8) and item["image"].dtype == torch.float32
+        columns = torch.arange(left, left + 8)
+        expected = torch.where((columns >= 6) & (columns < 14), 1.0, float(UNLABELLED))
+        assert torch.equal(item["label"][0, 0], expected)  # the label moved with the pixels
+    assert min(lefts) <= 2 and max(lefts) >= 10  # the window covers the frame, not only its centre square
+    with pytest.raises(ValueError, match="shortest side is 8"):
+        SegmentationData([frame], labels, crop=10)
+
+
+def test_a_unet_learns_from_full_frames_whose_sides_are_unlabelled():
+    from foba_core.segment import UNLABELLED
+
+    images, masks = squares(32, size=16, seed=0)
+    frames, labels = [], []
+    for image, mask in zip(images, masks):  # 16x24 frames: the scene, and noise beside it that has no label
+        side = torch.rand(3, 16, 8, generator=torch.Generator().manual_seed(len(frames))) * 0.9
+        frames.append(torch.cat([side[:, :, :4], image, side[:, :, 4:]], dim=2))
+        unknown = torch.full((16, 4), UNLABELLED, dtype=torch.int8)
+        labels.append(torch.cat([unknown, mask.to(torch.int8), unknown], dim=1))
+    net = train_segmenter(frames, labels, steps=70, batch_size=12, lr=3e-3, crop=12, device="cpu",
+                          network=small_net(), progress=False)
+    test_images, test_masks = squares(16, seed=1)
+    assert foreground_iou(predict_masks(net, test_images, crop=12), center_crop(test_masks, 12)) > 0.8
