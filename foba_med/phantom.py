@@ -26,7 +26,7 @@ from foba_med.phantom_drawing import PhantomFinding, render_frontal, render_late
 from foba_med.vocabulary import CATEGORIES
 
 STAMP_FILE = "phantom.json"
-PHANTOM_VERSION = 3  # 3: the patient shifted in the frame, normal hearts of varied size; 2: "Left upper lung opacity"
+PHANTOM_VERSION = 4  # 4: the chest magnified in the frame; 3: patient shifted, hearts varied; 2: "Left upper lung opacity"
 _SEVERITY = {
     "Pleural Effusion": ("small", "moderate", "large"),
     "Pneumothorax": ("small", "moderate", "large"),

@@ -121,6 +121,8 @@ class _Chest:
         return _blur(img, 0.006 * w)
 
 
+ZOOM = (1.2, 1.55)  # the range of the chest's magnification in the frame, as collimation and build vary
+SHIFT = (0.15, 0.22)  # the largest shift of the patient, as fractions of the height and the width
 _SEVERITY_LEVEL = {"small": 0, "mild": 0, "moderate": 1, "large": 2, "severe": 2}
 
 
@@ -217,8 +219,9 @@ def render_frontal(
 ) -> tuple[np.ndarray, list[PhantomFinding]]:
     """Return (image float32 (H, W) in [0, 1], the findings that were drawn, with their boxes).
 
-    The anatomy, the noise and the framing (the patient shifted by up to 15 % of the height and 22 % of the
-    width, boxes moved with the image; a normal heart 0.85 to 1.2 times the mean size) depend on ``seed`` only,
+    The anatomy, the noise and the framing (the chest magnified 1.2 to 1.55 times about the frame's centre, so that
+    it fills the frame and may leave it laterally, and shifted by up to 15 % of the height and 22 % of the width,
+    boxes moved with the image; a normal heart 0.85 to 1.2 times the mean size) depend on ``seed`` only,
     so the same seed without findings gives the same chest without them (cardiomegaly enlarges the heart).
     Findings that come out too small or leave the frame are dropped.
     """
@@ -227,7 +230,7 @@ def render_frontal(
     framing = np.random.default_rng(seed + (3,))  # patient position and heart size: a stream of their own
     cardio = next((f for f in findings if f.category == "Cardiomegaly"), None)
     normal_heart = framing.uniform(0.85, 1.2)  # normal hearts vary in size too (drawn always: the same shift)
-    shift = (framing.uniform(-0.15, 0.15) * height, framing.uniform(-0.22, 0.22) * width)  # (dy, dx)
+    shift = (framing.uniform(-SHIFT[0], SHIFT[0]) * height, framing.uniform(-SHIFT[1], SHIFT[1]) * width)  # (dy, dx)
     heart_scale = {"mild": 1.45, "moderate": 1.6, "severe": 1.75}[cardio.severity] if cardio else normal_heart
     chest = _Chest(anatomy, height, width, heart_scale)
     img = chest.render(anatomy)
@@ -238,20 +241,29 @@ def render_frontal(
         _draw_finding(chest, img, finding, lesions)
         if finding.boxes:
             drawn.append(finding)
-    # the patient is not centred in the frame: the image and its boxes move together, the frame stays dark
-    img = ndimage.shift(_blur(img, 0.004 * width), shift, order=1, mode="constant", cval=0.03) + noise
+    zoom = framing.uniform(*ZOOM)  # collimation: the chest fills the frame to a varying degree
+    # the patient is neither centred nor of one size in the frame: the image is magnified by ``zoom`` about the
+    # frame's centre and moved by ``shift``; its boxes go with it, the frame outside the patient stays dark
+    centre = np.array([height / 2, width / 2])
+    offset = centre - 0.5 - (centre + np.asarray(shift)) / zoom + 0.5 / zoom  # pixel centres at index + 0.5
+    img = ndimage.affine_transform(_blur(img, 0.004 * width), np.full(2, 1 / zoom), offset, order=1,
+                                   mode="constant", cval=0.03) + noise
     for finding in drawn:
-        finding.boxes = [box for box in (_shifted(b, shift, height, width) for b in finding.boxes) if box is not None]
+        finding.boxes = [box for box in (_framed(b, zoom, shift, height, width) for b in finding.boxes)
+                         if box is not None]
     drawn = [f for f in drawn if f.boxes]
     return np.clip(img, 0.0, 1.0).astype(np.float32), drawn
 
 
-def _shifted(box: tuple[int, int, int, int], shift: tuple[float, float], height: int, width: int):
-    """The box (x, y, w, h) moved by ``shift`` (dy, dx) and clipped to the image; None when too little is left."""
+def _framed(box: tuple[int, int, int, int], zoom: float, shift: tuple[float, float], height: int, width: int):
+    """The box (x, y, w, h) magnified by ``zoom`` about the frame's centre, moved by ``shift`` (dy, dx) and clipped
+    to the image; None when too little is left."""
     x, y, w, h = box
-    dy, dx = int(round(shift[0])), int(round(shift[1]))
-    x0, y0 = max(0, x + dx), max(0, y + dy)
-    x1, y1 = min(width, x + dx + w), min(height, y + dy + h)
+    (dy, dx), cy, cx = shift, height / 2, width / 2
+    x0, x1 = (np.array([x, x + w]) - cx) * zoom + cx + dx
+    y0, y1 = (np.array([y, y + h]) - cy) * zoom + cy + dy
+    x0, y0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+    x1, y1 = min(width, int(np.ceil(x1))), min(height, int(np.ceil(y1)))
     return (x0, y0, x1 - x0, y1 - y0) if x1 - x0 >= 2 and y1 - y0 >= 2 else None
 
 

@@ -649,3 +649,25 @@ def test_the_wrong_word_prompt_puts_the_next_findings_word_in_the_findings_place
     for category in CATEGORIES:
         prompt, other = wrong_word_prompt(f"Left {category.lower()}", category)
         assert other != category and find_disease_words(prompt, other) and not find_disease_words(prompt, category)
+
+
+def test_the_phantoms_framing_leaves_little_to_the_centre_prior():
+    """Findings as a radiograph places them (either side, both zones, a magnified and shifted chest): a map that
+    is only the distance to the image centre scores little (measured on these 120 images: 63.0; phantom v3,
+    without the magnification, 73.8)."""
+    from foba_core.metrics import auc_roc
+    from foba_med.phantom import sample_findings
+    from foba_med.scoring import centre_prior
+
+    aucs: dict[str, list[float]] = {}
+    for i in range(120):
+        rng = np.random.default_rng((0, i))
+        _, findings = render_frontal(sample_findings(rng, p_normal=0.0), 64, 64, seed=(0, i))
+        for finding in findings:
+            mask = torch.zeros(64, 64, dtype=torch.bool)
+            for x, y, w, h in finding.boxes:
+                mask[y:y + h, x:x + w] = True
+            if not mask.all():
+                aucs.setdefault(finding.category, []).append(auc_roc(centre_prior(64, 64), mask))
+    assert len(aucs) == 8
+    assert np.mean([np.mean(a) for a in aucs.values()]) < 0.68
