@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+ZOOM = (1.2, 1.55)  # the range of the chest's magnification in the frame, as collimation and build vary
+SHIFT = (0.15, 0.22)  # the largest shift of the patient, as fractions of the height and the width
+
 
 @dataclass
 class PhantomFinding:
@@ -121,8 +124,6 @@ class _Chest:
         return _blur(img, 0.006 * w)
 
 
-ZOOM = (1.2, 1.55)  # the range of the chest's magnification in the frame, as collimation and build vary
-SHIFT = (0.15, 0.22)  # the largest shift of the patient, as fractions of the height and the width
 _SEVERITY_LEVEL = {"small": 0, "mild": 0, "moderate": 1, "large": 2, "severe": 2}
 
 
