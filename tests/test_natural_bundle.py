@@ -280,3 +280,36 @@ def test_the_natural_defaults_are_the_papers_and_the_preset_turns_the_measured_v
     variants = ConfigParser()
     variants.read_config(files + [os.path.join(BUNDLE, "refine_variants.yaml")])
     assert (variants["refine_samples"], variants["refine_gmm_fit"]) == (4, "m_pre")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset, maker", [("cub", make_cub), ("dogs", make_dogs)])
+def test_every_experiment_runs_appended_to_the_natural_main_job(tmp_path, dataset, maker):
+    """The six experiments of configs/experiments on a real layout: pixel masks (CUB) and boxes (Dogs)."""
+    from tiny_sd import save_tiny_sd
+
+    save_tiny_sd(tmp_path / "sd")
+    maker(tmp_path / dataset)
+    out = tmp_path / "run"
+    common = dict(dataset_dir=str(tmp_path / dataset), pretrained=str(tmp_path / "sd"), output_dir=str(out), t0=2,
+                  t0_sweep_images=1, t0_sweep_max=3, monte_carlo_images=1, monte_carlo_n=[1, 2], monte_carlo_seeds=2,
+                  token_auc_images=1, threshold_images=1, concept_images=1, prompt_images=1)
+    names = ("t0_sweep", "monte_carlo", "token_auc", "thresholds", "concepts", "prompts")
+    from monai.bundle import run
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        for name in names:
+            files = STAGES + [f"configs/datasets/{dataset}.yaml", os.path.join(BUNDLE, "pipeline.yaml"),
+                              f"configs/experiments/{name}.yaml"]
+            run(f"run_{name}", config_file=files, **{**TINY, **common})
+    finally:
+        os.chdir(cwd)
+    for name in names:
+        table = pd.read_csv(out / name / f"{name}.csv")
+        assert len(table) and json.loads((out / name / "stage.json").read_text())["complete"], name
+        assert (out / name / f"{name}.png").is_file(), name
+    assert pd.read_csv(out / "t0_sweep" / "t0_sweep.csv")["t0"].tolist() == [1, 2, 3]
+    thresholds = pd.read_csv(out / "thresholds" / "thresholds.csv")
+    assert thresholds["method"].tolist() == ["threshold_tpr95", "threshold_max_acc", "gmm_M_pre"]
