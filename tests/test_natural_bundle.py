@@ -135,7 +135,7 @@ def _run(dataset: str, capsys=None, **overrides) -> str:
 
 
 @pytest.mark.slow
-def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path, capsys):
+def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path, capsys, monkeypatch):
     from tiny_sd import save_tiny_sd
 
     from foba_core.toy.features import ToyFeatureNet
@@ -183,7 +183,13 @@ def test_natural_bundle_runs_cub_and_dogs_end_to_end_and_writes_table3(tmp_path,
     assert list(guided["w"].astype(float)) == [1.0, 3.0, 7.5] and list(guided["paper_fid"]) == [9.8, 11.3, 22.3]
 
     records = {n: (cub / n / "stage.json").read_text() for n in os.listdir(cub) if (cub / n / "stage.json").exists()}
+    import foba_core.segment as segment
+
+    frame_reads = []
+    monkeypatch.setattr(segment, "frame_images", lambda *a, **k: frame_reads.append(a))
     out = _run("cub", capsys, **common)  # a rerun: every stage is read back, nothing recomputed
+    monkeypatch.undo()
+    assert frame_reads == []  # the U-Nets' training images are not read again for stages that are skipped
     assert {n: (cub / n / "stage.json").read_text() for n in records} == records
     assert out.count(": skipped,") == len(records) == 12 and pd.read_csv(cub / "results.csv").equals(results)
     assert "stage refine_eq5: not run, the refinement is Eq. 5 as the paper states it already" in out
