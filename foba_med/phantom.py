@@ -187,7 +187,7 @@ def _write_tree(root: Path, params: dict) -> dict:
 
 def write_phantom_mimic(
     out_dir: str | os.PathLike,
-    n_subjects: int = 200,
+    n_subjects: int = 1000,
     seed: int = 0,
     size: int = 128,
     p_normal: float = 0.3,

@@ -1,11 +1,12 @@
 """The phantom world as an oracle of the CXR chain: with fine-tuning skipped, the evaluation's AUC falls.
 
 The chain as a user runs it (train.yaml, then evaluate.yaml), on the default phantom world with the shipped toy LDM,
-but with 200 fine-tuning steps instead of 1500 and T0 = 10 instead of 40, against the same evaluation of the
+but with 200 fine-tuning steps instead of 4500 and T0 = 10 instead of 40, against the same evaluation of the
 un-fine-tuned toy LDM. Two findings carry the check: atelectasis and pneumothorax are the ones that a short
-fine-tuning already localises (measured here: 85.0 and 84.8 after 200 steps against 58.1 and 64.4 untrained; the
-mean over all eight only 57.1 against 54.3); the others need the full 1500 steps (bundles/foba_cxr/docs/evaluate.md)
-and would make a slow test. The whole check takes about 50 s on 2 CPU cores.
+fine-tuning already localises (measured here: 86.3 and 66.6 after 200 steps against 64.5 and 52.4 untrained; the
+mean over all eight only 57.6 against 55.5); the others need the default 4500 steps (bundles/foba_cxr/docs/evaluate.md)
+and would make a slow test. The whole check takes about 90 s on 2 CPU cores (the default phantom's 1000 subjects
+written once, 15 s).
 """
 
 from __future__ import annotations
