@@ -56,10 +56,15 @@ def load_model(model_dir: str, torch_dtype=torch.float32, device="cpu", text_enc
 
 
 def ensure_phantom(mimic_dir: str, phantom_dir: str, params: dict | None = None) -> Path:
-    """Return ``mimic_dir``; when it is ``phantom_dir`` and holds no phantom yet, write the phantom world there."""
+    """Return ``mimic_dir``; when it is ``phantom_dir``, the phantom world of ``params`` (written if missing).
+
+    As in train.yaml, a phantom of other parameters there (e.g. an earlier default) is refused by
+    ``write_phantom_mimic``, naming both; ``--mimic_dir`` takes any phantom as it is.
+    """
     mimic_dir = Path(mimic_dir)
-    if mimic_dir.resolve() == Path(phantom_dir).resolve() and not (mimic_dir / STAMP_FILE).is_file():
-        logger.warning("no phantom world in %s: generating it (foba_med.phantom.write_phantom_mimic)", mimic_dir)
+    if mimic_dir.resolve() == Path(phantom_dir).resolve():
+        if not (mimic_dir / STAMP_FILE).is_file():
+            logger.warning("no phantom world in %s: generating it (foba_med.phantom.write_phantom_mimic)", mimic_dir)
         write_phantom_mimic(mimic_dir, **(params or {}))
     return mimic_dir
 

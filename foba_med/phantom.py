@@ -217,7 +217,9 @@ def write_phantom_mimic(
         found = json.loads(stamp.read_text())["params"]
         if found == params:
             return out_dir
-        raise FileExistsError(f"{out_dir} holds a phantom with other parameters ({found}); use another out_dir")
+        changed = ", ".join(f"{k}={found.get(k)!r} (asked for {v!r})" for k, v in params.items() if found.get(k) != v)
+        raise FileExistsError(f"{out_dir} holds a phantom with other parameters: {changed}; write the phantom into "
+                              "another folder (the bundles' --phantom_dir), or read this one as it is (--mimic_dir)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty and is not a phantom tree; choose an empty or new folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

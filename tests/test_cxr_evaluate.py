@@ -43,6 +43,14 @@ def phantom(tmp_path_factory):
     return ensure_phantom(str(root), str(root), TINY_PHANTOM)  # the default run's path: generated when missing
 
 
+def test_a_phantom_of_other_parameters_at_the_phantom_path_is_refused_and_read_as_mimic_dir(phantom, tmp_path):
+    other = {**TINY_PHANTOM, "n_subjects": 7}  # e.g. the phantom of an earlier default at runs/foba_cxr/phantom
+    with pytest.raises(FileExistsError, match=r"n_subjects=6 \(asked for 7\)"):
+        ensure_phantom(str(phantom), str(phantom), other)
+    assert ensure_phantom(str(phantom), str(tmp_path / "default"), other) == phantom  # --mimic_dir: as it is
+    assert not (tmp_path / "default").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe():
     from tiny_sd import tiny_pipeline

@@ -578,7 +578,7 @@ def test_phantom_is_deterministic_and_reused(tmp_path):
     stamp_time = (a / "phantom.json").stat().st_mtime_ns
     assert write_phantom_mimic(a, n_subjects=8, seed=3, size=64) == a  # same parameters: reused
     assert (a / "phantom.json").stat().st_mtime_ns == stamp_time
-    with pytest.raises(FileExistsError, match="other parameters"):
+    with pytest.raises(FileExistsError, match=r"other parameters: n_subjects=8 \(asked for 9\); .*--mimic_dir"):
         write_phantom_mimic(a, n_subjects=9, seed=3, size=64)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "data.txt").write_text("x")
