@@ -217,7 +217,8 @@ def write_phantom_mimic(
         found = json.loads(stamp.read_text())["params"]
         if found == params:
             return out_dir
-        changed = ", ".join(f"{k}={found.get(k)!r} (asked for {v!r})" for k, v in params.items() if found.get(k) != v)
+        changed = ", ".join(f"{k}={found.get(k)!r} (asked for {params.get(k)!r})"
+                            for k in sorted(found.keys() | params.keys()) if found.get(k) != params.get(k))
         raise FileExistsError(f"{out_dir} holds a phantom with other parameters: {changed}; write the phantom into "
                               "another folder (the bundles' --phantom_dir), or read this one as it is (--mimic_dir)")
     if out_dir.exists() and any(out_dir.iterdir()):

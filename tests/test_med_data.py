@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -580,6 +581,11 @@ def test_phantom_is_deterministic_and_reused(tmp_path):
     assert (a / "phantom.json").stat().st_mtime_ns == stamp_time
     with pytest.raises(FileExistsError, match=r"other parameters: n_subjects=8 \(asked for 9\); .*--mimic_dir"):
         write_phantom_mimic(a, n_subjects=9, seed=3, size=64)
+    stamp = json.loads((c / "phantom.json").read_text())
+    stamp["params"]["retired_option"] = 0.5  # a parameter this version no longer has
+    (c / "phantom.json").write_text(json.dumps(stamp))
+    with pytest.raises(FileExistsError, match=r"other parameters: retired_option=0.5 \(asked for None\);"):
+        write_phantom_mimic(c, n_subjects=8, seed=4, size=64)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "data.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
